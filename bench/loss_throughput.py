@@ -1,0 +1,865 @@
+"""Contrastive-loss throughput and memory: llm2clip_kernels against the usual ways to write it.
+
+Methods (all compute the same symmetric InfoNCE of DESIGN.md section 2, b == B, diagonal positives):
+
+    ours            llm2clip_kernels.infonce_loss (backend --backend: auto on CUDA, torch on CPU)
+    ours-sigmoid    llm2clip_kernels.sigmoid_loss, SigLIP loss with a learnable bias (--sigmoid)
+    naive           logits = s * I @ T^T once, F.cross_entropy over rows and over columns
+    naive-sigmoid   full-logits SigLIP loss, the baseline for ours-sigmoid (--sigmoid)
+    openclip-local  open_clip ClipLoss local_loss: logits_per_image = s I T^T and
+                    logits_per_text = s T I^T (two b x B GEMMs), cross entropy on each
+    infcl           Inf-CL (PyPI inf-cl): cal_inf_loss(s I, T) and cal_inf_loss(s T, I), averaged;
+                    CUDA only, recorded as "not installed" when `import inf_cl` fails
+
+Work count: every method is credited the same useful work, 8 b B D FLOPs for forward + backward
+(2bBD forward, 6bBD backward: one b x B GEMM forward, its recompute plus the two gradient GEMMs
+backward), whatever it really executes (open_clip does 12bBD, Inf-CL 20bBD). TFLOP/s therefore
+compare like with like, and "x floor" is the time over 8bBD / R, where R is the dense matmul rate
+of the same device measured in the same run (8192^3 bf16 torch.mm on CUDA, 2048^3 on CPU).
+
+GPU mode (default when CUDA is available): bf16 inputs and a scale that require grad; forward,
+backward (retain_graph, the forward outside the timing) and forward+backward timed with
+triton.testing.do_bench(quantiles=[0.5, 0.2, 0.8]); peak extra memory = max_memory_allocated
+during one forward+backward minus the memory allocated before it (inputs); out-of-memory per
+method and size is recorded as OOM and the run goes on.
+
+CPU mode (default without CUDA, or --device cpu): fp32, time.perf_counter medians over
+--repeats; the peak memory of each method and size is measured in a fresh Python process as
+ru_maxrss after forward+backward minus ru_maxrss once the inputs exist.
+
+    python bench/loss_throughput.py                 # full sweep on the GPU
+    python bench/loss_throughput.py --quick         # a few minutes on the GPU
+    python bench/loss_throughput.py --device cpu    # CPU, includes the b = B = 16384, D = 256 case
+
+Writes a table to stdout, and loss_throughput-<device>-<time>.json / .png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+
+ALL_METHODS = ("ours", "ours-sigmoid", "naive", "naive-sigmoid", "openclip-local", "infcl")
+SIGMOID_METHODS = ("ours-sigmoid", "naive-sigmoid")
+BASELINES = ("naive", "naive-sigmoid", "openclip-local", "infcl")
+
+GPU_BATCHES = (4096, 8192, 16384, 32768, 65536, 131072, 262144)
+GPU_DIMS = (768, 1024, 4096)
+GPU_QUICK_BATCHES = (4096, 16384, 32768, 65536)
+GPU_QUICK_DIMS = (1024, 4096)
+GPU_QUICK_BASELINE_DIMS = (1024,)
+CPU_BATCHES = (1024, 4096, 16384)
+CPU_QUICK_BATCHES = (2048, 16384)
+CPU_DIMS = (256,)
+ACCEPTANCE = (16384, 256)  # b = B, D: ours must peak below 5% of naive's memory on CPU
+ACCEPTANCE_RATIO = 0.05
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class _Stop(Exception):
+    """Raised from the SIGTERM handler so a run killed by `timeout` still writes its files."""
+
+
+# ----------------------------------------------------------------------------- imports
+
+
+def import_kernels():
+    """Import llm2clip_kernels; from a plain checkout (not pip-installed) load it from kernels/."""
+    try:
+        return importlib.import_module("llm2clip_kernels")
+    except ImportError:
+        init = REPO_ROOT / "kernels" / "__init__.py"
+        if not init.exists():
+            raise
+        spec = importlib.util.spec_from_file_location(
+            "llm2clip_kernels", init, submodule_search_locations=[str(init.parent)]
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["llm2clip_kernels"] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop("llm2clip_kernels", None)
+            raise
+        return mod
+
+
+def _oom_types():
+    import torch
+
+    types = [torch.cuda.OutOfMemoryError]
+    with contextlib.suppress(Exception):
+        from triton.runtime.errors import OutOfResources
+
+        types.append(OutOfResources)
+    return tuple(types)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, _oom_types()):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in msg or "CUBLAS_STATUS_ALLOC_FAILED" in msg or "out of resource" in msg
+    )
+
+
+# ----------------------------------------------------------------------------- the losses
+
+
+def _infcl_head_dim(D: int) -> int:
+    for h in (256, 128, 64, 32, 16):
+        if D % h == 0:
+            return h
+    raise ValueError(f"Inf-CL needs D divisible by 16, got {D}")
+
+
+def make_loss(method: str, backend: str, bias=None):
+    """Return (fn(img, txt, scale) -> 0-d loss, resolved backend name or None).
+
+    Raises ImportError when the method's package is missing.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    labels_cache = {}
+
+    def labels(n, device):
+        key = (n, str(device))
+        if key not in labels_cache:
+            labels_cache[key] = torch.arange(n, device=device)
+        return labels_cache[key]
+
+    if method in ("ours", "ours-sigmoid"):
+        k = import_kernels()
+        if method == "ours":
+            return (lambda i, t, s: k.infonce_loss(i, t, s, backend=backend)), backend
+        return (lambda i, t, s: k.sigmoid_loss(i, t, s, bias, backend=backend)), backend
+
+    if method == "naive":
+
+        def naive(i, t, s):
+            logits = (s * (i @ t.T)).float()
+            y = labels(i.shape[0], i.device)
+            return (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+
+        return naive, None
+
+    if method == "openclip-local":
+
+        def openclip_local(i, t, s):
+            logits_per_image = s * i @ t.T
+            logits_per_text = s * t @ i.T
+            y = labels(i.shape[0], i.device)
+            return (
+                F.cross_entropy(logits_per_image.float(), y) + F.cross_entropy(logits_per_text.float(), y)
+            ) / 2
+
+        return openclip_local, None
+
+    if method == "naive-sigmoid":
+
+        def naive_sigmoid(i, t, s):
+            logits = (s * (i @ t.T)).float() + bias
+            z = 2 * torch.eye(i.shape[0], t.shape[0], device=i.device, dtype=logits.dtype) - 1
+            return -F.logsigmoid(z * logits).sum() / i.shape[0]
+
+        return naive_sigmoid, None
+
+    if method == "infcl":
+        from inf_cl import cal_inf_loss  # ImportError -> "not installed"
+
+        def infcl(i, t, s):
+            # Scale folded into the rows here: inf_cl's own `scale=` path all-reduces the scale's
+            # gradient, which needs an initialised process group.
+            h = _infcl_head_dim(i.shape[1])
+            return (cal_inf_loss(s * i, t, head_dim=h) + cal_inf_loss(s * t, i, head_dim=h)) / 2
+
+        return infcl, None
+
+    raise ValueError(f"unknown method {method!r}")
+
+
+def make_inputs(b, B, D, dtype, device, seed, scale_value, bias_value):
+    """L2-normalised leaf features (b x D, B x D), a scale and a bias leaf, all requiring grad."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    feats = []
+    for n in (b, B):
+        x = torch.randn(n, D, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+        x.div_(x.float().norm(dim=1, keepdim=True).to(dtype))
+        feats.append(x.requires_grad_())
+    scale = torch.tensor(scale_value, device=device, dtype=torch.float32, requires_grad=True)
+    bias = torch.tensor(bias_value, device=device, dtype=torch.float32, requires_grad=True)
+    return feats[0], feats[1], scale, bias
+
+
+# ----------------------------------------------------------------------------- GPU measurement
+
+
+def gpu_matmul_rate() -> dict:
+    """bf16 8192^3 torch.mm rate in TFLOP/s (median of do_bench) on the current CUDA device."""
+    import torch
+    import triton.testing
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: torch.mm(a, b), quantiles=[0.5, 0.2, 0.8])
+    del a, b
+    return {"what": "torch.mm bf16 8192^3", "ms": ms[0], "tflops": 2 * n**3 / (ms[0] * 1e-3) / 1e12}
+
+
+def measure_gpu(fn, img, txt, scale, bias, leaves, args) -> dict:
+    """One method at one size on CUDA. Raises on OOM; the caller frees memory."""
+    import torch
+    import triton.testing
+
+    for x in leaves:
+        x.grad = None
+    fn(img, txt, scale).backward()  # warm-up: compilation and autotuning happen here
+    for x in leaves:
+        x.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    loss = fn(img, txt, scale)
+    torch.cuda.synchronize()
+    saved = torch.cuda.memory_allocated() - base
+    fwd_peak = torch.cuda.max_memory_allocated() - base
+    loss.backward()
+    torch.cuda.synchronize()
+    single_s = time.perf_counter() - t0
+    row = {
+        "loss": float(loss.detach()),
+        "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20,
+        "fwd_peak_extra_mib": fwd_peak / 2**20,
+        "saved_for_bwd_mib": saved / 2**20,
+        "single_fwd_bwd_ms": single_s * 1e3,
+    }
+    del loss
+    for x in leaves:
+        x.grad = None
+
+    if single_s > args.slow_seconds:
+        row["fwd_bwd_ms"] = single_s * 1e3
+        row["note"] = f"single run (> --slow-seconds {args.slow_seconds:g}); larger sizes skipped"
+        return row
+
+    q = [0.5, 0.2, 0.8]
+    kw = {"warmup": args.warmup_ms, "rep": args.rep_ms, "quantiles": q, "grad_to_none": leaves}
+    row.update(
+        zip(
+            ("fwd_ms", "fwd_ms_p20", "fwd_ms_p80"), triton.testing.do_bench(lambda: fn(img, txt, scale), **kw)
+        )
+    )
+    loss = fn(img, txt, scale)
+    bwd = triton.testing.do_bench(lambda: loss.backward(retain_graph=True), **kw)
+    row.update(zip(("bwd_ms", "bwd_ms_p20", "bwd_ms_p80"), bwd))
+    del loss
+    for x in leaves:
+        x.grad = None
+    fb = triton.testing.do_bench(lambda: fn(img, txt, scale).backward(), **kw)
+    row.update(zip(("fwd_bwd_ms", "fwd_bwd_ms_p20", "fwd_bwd_ms_p80"), fb))
+    for x in leaves:
+        x.grad = None
+    return row
+
+
+# ----------------------------------------------------------------------------- CPU measurement
+
+
+def cpu_matmul_rate(dtype_name: str) -> dict:
+    import torch
+
+    n = 2048
+    dt = getattr(torch, DTYPES[dtype_name])
+    a = torch.randn(n, n, dtype=dt)
+    b = torch.randn(n, n, dtype=dt)
+    torch.mm(a, b)
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        ts.append(time.perf_counter() - t0)
+    ms = statistics.median(ts) * 1e3
+    return {"what": f"torch.mm {dtype_name} {n}^3", "ms": ms, "tflops": 2 * n**3 / (ms * 1e-3) / 1e12}
+
+
+def measure_cpu_time(fn, img, txt, scale, leaves, repeats) -> dict:
+    """Median forward, backward and forward+backward wall times (CPU ops are synchronous)."""
+    for x in leaves:
+        x.grad = None
+    fn(img, txt, scale).backward()  # warm-up
+    fw, bw, fb = [], [], []
+    loss = None
+    for _ in range(repeats):
+        for x in leaves:
+            x.grad = None
+        t0 = time.perf_counter()
+        loss = fn(img, txt, scale)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        fw.append(t1 - t0)
+        bw.append(t2 - t1)
+        fb.append(t2 - t0)
+    for x in leaves:
+        x.grad = None
+
+    def stats(name, xs):
+        xs = sorted(v * 1e3 for v in xs)
+        q = lambda p: xs[min(len(xs) - 1, max(0, round(p * (len(xs) - 1))))]
+        return {f"{name}_ms": statistics.median(xs), f"{name}_ms_p20": q(0.2), f"{name}_ms_p80": q(0.8)}
+
+    row = {"loss": float(loss.detach())}
+    row.update(stats("fwd", fw))
+    row.update(stats("bwd", bw))
+    row.update(stats("fwd_bwd", fb))
+    return row
+
+
+def _cpu_mem_child(spec_json: str) -> None:
+    """Runs in a fresh interpreter: print {"inputs_kib", "after_kib", ...} as one JSON line."""
+    import resource
+
+    import torch
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    dtype = getattr(torch, DTYPES[spec["dtype"]])
+    _, _, _, bias = make_inputs(1, 1, 1, dtype, "cpu", 0, spec["scale"], spec["bias"])
+    fn, _ = make_loss(spec["method"], spec["backend"], bias)
+    # Warm up at a tiny size first so lazy initialisation is not counted against the method.
+    i, t, s, _ = make_inputs(64, 64, spec["D"], dtype, "cpu", 1, spec["scale"], spec["bias"])
+    fn(i, t, s).backward()
+    del i, t, s
+    gc.collect()
+    img, txt, scale, _ = make_inputs(
+        spec["b"], spec["B"], spec["D"], dtype, "cpu", spec["seed"], spec["scale"], spec["bias"]
+    )
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    loss = fn(img, txt, scale)
+    loss.backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"inputs_kib": before, "after_kib": after, "loss": float(loss.detach())}))
+
+
+def measure_cpu_memory(method, b, B, D, args) -> dict:
+    spec = {
+        "method": method,
+        "backend": args.backend,
+        "b": b,
+        "B": B,
+        "D": D,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "scale": args.scale,
+        "bias": args.bias,
+        "threads": _threads(),
+    }
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('_loss_throughput', {str(Path(__file__).resolve())!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "m._cpu_mem_child(sys.argv[1])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        oom = proc.returncode in (-9, 137) or "MemoryError" in proc.stderr
+        return {"mem_status": "oom" if oom else "error", "mem_error": tail[0][:300]}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "peak_extra_mib": (res["after_kib"] - res["inputs_kib"]) / 1024,
+        "rss_inputs_mib": res["inputs_kib"] / 1024,
+        "rss_peak_mib": res["after_kib"] / 1024,
+    }
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _cases(args):
+    """(D, b, method) in the order that lets a failure at one size skip the larger ones."""
+    for D in args.dims:
+        for b in args.batches:
+            for m in args.methods:
+                if m in BASELINES and D not in args.baseline_dims:
+                    continue
+                yield D, b, m
+
+
+def _derive(row: dict, rate_tflops: float | None) -> None:
+    b, B, D = row["b"], row["B"], row["D"]
+    for part, flops in (("fwd", 2 * b * B * D), ("bwd", 6 * b * B * D), ("fwd_bwd", 8 * b * B * D)):
+        ms = row.get(f"{part}_ms")
+        if ms:
+            row[f"{part}_tflops"] = flops / (ms * 1e-3) / 1e12
+            if rate_tflops:
+                row[f"{part}_x_floor"] = ms / (flops / (rate_tflops * 1e12) * 1e3)
+
+
+def run_sweep(args, meta, emit) -> list[dict]:
+    import torch
+
+    device = args.device
+    dtype = getattr(torch, DTYPES[args.dtype])
+    rate = meta["matmul_rate"]["tflops"] if meta.get("matmul_rate") else None
+    rows: list[dict] = []
+    unavailable: dict[str, str] = {}
+    oom_bB: dict[str, int] = {}  # method -> smallest b*B that ran out of memory
+    slow_bBD: dict[str, int] = {}  # method -> smallest b*B*D over --slow-seconds
+    t_start = time.perf_counter()
+    inputs_key, inputs = None, None
+
+    for D, b, method in _cases(args):
+        B = b
+        row = {"method": method, "b": b, "B": B, "D": D, "dtype": args.dtype, "device": device}
+        if method in ("ours", "ours-sigmoid"):
+            row["backend"] = args.backend
+        skip = None
+        if method in unavailable:
+            skip = unavailable[method]
+        elif method in oom_bB and b * B >= oom_bB[method]:
+            skip = f"skipped: OOM at b*B={oom_bB[method]}"
+        elif method in slow_bBD and b * B * D >= slow_bBD[method]:
+            skip = f"skipped: over --slow-seconds at b*B*D={slow_bBD[method]}"
+        elif args.max_seconds and time.perf_counter() - t_start > args.max_seconds:
+            skip = f"skipped: --max-seconds {args.max_seconds:g} reached"
+        if skip is not None:
+            row["status"] = "not installed" if skip.startswith("not installed") else "skipped"
+            row["note"] = skip
+            rows.append(row)
+            emit(rows)
+            continue
+
+        try:
+            make_loss(method, args.backend, None)  # import check before any allocation
+        except ImportError as e:
+            unavailable[method] = f"not installed ({e})"
+            row.update(status="not installed", note=unavailable[method])
+            rows.append(row)
+            emit(rows)
+            continue
+        if method == "infcl" and device != "cuda":
+            unavailable[method] = "not supported on CPU (Inf-CL kernels use CUDA inline PTX)"
+            row.update(status="skipped", note=unavailable[method])
+            rows.append(row)
+            emit(rows)
+            continue
+
+        if inputs_key != (b, B, D):
+            inputs = None
+            _free(device)
+            inputs_key = (b, B, D)
+            try:
+                inputs = make_inputs(b, B, D, dtype, device, args.seed, args.scale, args.bias)
+            except Exception as e:  # noqa: BLE001 - inputs alone may not fit
+                if not _is_oom(e):
+                    raise
+                inputs_key = None
+                row.update(status="oom", note="inputs do not fit")
+                rows.append(row)
+                emit(rows)
+                continue
+        img, txt, scale, bias = inputs
+        fn, _ = make_loss(method, args.backend, bias)
+        leaves = [img, txt, scale] + ([bias] if method in SIGMOID_METHODS else [])
+        print(f"  {method:15s} b=B={b:<7d} D={D:<5d} ...", end="", flush=True)
+        t0 = time.perf_counter()
+        try:
+            if device == "cuda":
+                row.update(measure_gpu(fn, img, txt, scale, bias, leaves, args))
+            else:
+                row.update(measure_cpu_time(fn, img, txt, scale, leaves, args.repeats))
+                if not args.no_memory:
+                    row.update(measure_cpu_memory(method, b, B, D, args))
+            row["status"] = "ok"
+            if "note" in row and row["note"].startswith("single run"):
+                slow_bBD[method] = min(slow_bBD.get(method, b * B * D), b * B * D)
+        except _Stop:
+            raise
+        except Exception as e:  # noqa: BLE001 - one failing case must not end the sweep
+            if _is_oom(e):
+                row.update(status="oom", note=f"{type(e).__name__}")
+                oom_bB[method] = min(oom_bB.get(method, b * B), b * B)
+            else:
+                row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        finally:
+            fn = None
+            for x in leaves:
+                x.grad = None
+            _free(device)
+        print(f" {row['status']} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        _derive(row, rate)
+        rows.append(row)
+        emit(rows)
+    return rows
+
+
+def _free(device):
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows) -> str:
+    head = (
+        f"{'method':15s} {'b':>7s} {'B':>7s} {'D':>5s} {'dtype':5s} {'fwd ms':>9s} {'bwd ms':>9s} "
+        f"{'f+b ms':>9s} {'TFLOP/s':>8s} {'x floor':>8s} {'peak MiB':>10s}  note"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mem = r.get("peak_extra_mib")
+        if r.get("status") == "oom":
+            mem_s = "OOM"
+        elif r.get("mem_status"):
+            mem_s = r["mem_status"].upper()
+        else:
+            mem_s = _fmt(mem, ".1f")
+        note = r.get("note", "") if r.get("status") == "ok" else f"{r.get('status')}: {r.get('note', '')}"
+        lines.append(
+            f"{r['method']:15s} {r['b']:7d} {r['B']:7d} {r['D']:5d} {r['dtype']:5s} "
+            f"{_fmt(r.get('fwd_ms'), '9.2f')} {_fmt(r.get('bwd_ms'), '9.2f')} {_fmt(r.get('fwd_bwd_ms'), '9.2f')} "
+            f"{_fmt(r.get('fwd_bwd_tflops'), '8.1f')} {_fmt(r.get('fwd_bwd_x_floor'), '8.2f')} {mem_s:>10s}  {note}"
+        )
+    return "\n".join(lines)
+
+
+def memory_ratios(rows) -> list[dict]:
+    """ours / naive peak extra memory at every (b, D) where both have a number."""
+    by = {(r["method"], r["b"], r["D"]): r.get("peak_extra_mib") for r in rows if r.get("status") == "ok"}
+    out = []
+    for (m, b, D), mem in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][1])):
+        naive = by.get(("naive", b, D))
+        if m == "ours" and mem is not None and naive:
+            out.append({"b": b, "D": D, "ours_mib": mem, "naive_mib": naive, "ratio": mem / naive})
+    return out
+
+
+def plot(rows, meta, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("warning: matplotlib is not installed; no plot written (pip install matplotlib)")
+        return False
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
+    dims = sorted({r["D"] for r in rows})
+    styles = ["-", "--", ":", "-."]
+    rate = (meta.get("matmul_rate") or {}).get("tflops")
+    for di, D in enumerate(dims):
+        ls = styles[di % len(styles)]
+        for m in ALL_METHODS:
+            pts = [r for r in rows if r["method"] == m and r["D"] == D and r.get("status") == "ok"]
+            if not pts:
+                continue
+            color = f"C{ALL_METHODS.index(m)}"
+            t = [(r["b"], r["fwd_bwd_ms"]) for r in pts if r.get("fwd_bwd_ms")]
+            mm = [(r["b"], r["peak_extra_mib"]) for r in pts if r.get("peak_extra_mib") is not None]
+            if t:
+                ax_t.plot(*zip(*t), ls, marker="o", color=color, label=f"{m} D={D}")
+            if mm:
+                ax_m.plot(*zip(*mm), ls, marker="o", color=color, label=f"{m} D={D}")
+        if rate:
+            bs = sorted({r["b"] for r in rows if r["D"] == D})
+            ax_t.plot(
+                bs,
+                [8 * b * b * D / (rate * 1e12) * 1e3 for b in bs],
+                ls,
+                color="k",
+                lw=0.8,
+                label=f"floor D={D}",
+            )
+    for ax, ylab in ((ax_t, "forward+backward ms (median)"), (ax_m, "peak extra memory MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch b = B")
+        ax.set_ylabel(ylab)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"contrastive loss, {meta['device_name']} ({meta['dtype']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def collect_meta(args) -> dict:
+    import torch
+
+    meta = {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    if args.device == "cuda":
+        meta["device_name"] = torch.cuda.get_device_name()
+        meta["cuda"] = torch.version.cuda
+    else:
+        meta["device_name"] = platform.processor() or platform.machine()
+        meta["cpu_threads"] = torch.get_num_threads()
+    meta["git_sha"] = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain")
+    meta["git_dirty"] = None if status is None else bool(status)
+    return meta
+
+
+def _git(*a):
+    try:
+        out = subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.replace(",", " ").split())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Time and memory of contrastive losses (ours vs naive, open_clip local_loss, Inf-CL).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda when available"
+    )
+    p.add_argument(
+        "--methods",
+        type=lambda s: tuple(x for x in s.replace(",", " ").split()),
+        default=None,
+        help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: ours,naive,openclip-local,infcl on "
+        "CUDA; ours,naive,openclip-local on CPU)",
+    )
+    p.add_argument(
+        "--sigmoid", action="store_true", help="also run ours-sigmoid and naive-sigmoid (SigLIP loss)"
+    )
+    p.add_argument(
+        "--batches", type=_ints, default=None, help="b = B values, comma-separated (default by device)"
+    )
+    p.add_argument(
+        "--dims", type=_ints, default=None, help="feature dims D, comma-separated (default by device)"
+    )
+    p.add_argument(
+        "--baseline-dims",
+        type=_ints,
+        default=None,
+        help="dims at which the baselines (naive*, openclip-local, infcl) run (default: --dims; --quick: 1024)",
+    )
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=None, help="input dtype (default bf16 on CUDA, fp32 on CPU)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "triton", "torch"),
+        default=None,
+        help="backend for ours / ours-sigmoid (default auto on CUDA, torch on CPU)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small preset that fits a few minutes (see --max-seconds)"
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="stop starting new cases after this many seconds; the rest are recorded as skipped "
+        "(default: none; --quick on CUDA: 150)",
+    )
+    p.add_argument(
+        "--slow-seconds",
+        type=float,
+        default=None,
+        help="CUDA: a method whose single forward+backward takes longer is timed once, not with do_bench, "
+        "and skipped at larger b*B*D (default 5; --quick: 1)",
+    )
+    p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up time per measurement (CUDA)")
+    p.add_argument(
+        "--rep-ms", type=float, default=100, help="do_bench repetition time per measurement (CUDA)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="CPU: timed repeats after one warm-up (default 3; --quick: 1)",
+    )
+    p.add_argument(
+        "--no-memory", action="store_true", help="CPU: skip the per-method subprocess memory measurement"
+    )
+    p.add_argument(
+        "--scale", type=float, default=1 / 0.07, help="logit scale s (the multiplier, exp of open_clip's t)"
+    )
+    p.add_argument("--bias", type=float, default=-10.0, help="logit bias for the sigmoid methods")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random features")
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON results and PNG plot"
+    )
+    p.add_argument("--tag", default=None, help="extra word in the output file names")
+    p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    return p
+
+
+def resolve_args(args):
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    gpu = args.device == "cuda"
+    if args.methods is None:
+        args.methods = ("ours", "naive", "openclip-local") + (("infcl",) if gpu else ())
+    if args.sigmoid:
+        args.methods = tuple(args.methods) + tuple(m for m in SIGMOID_METHODS if m not in args.methods)
+    bad = [m for m in args.methods if m not in ALL_METHODS]
+    if bad:
+        raise SystemExit(f"unknown methods {bad}; choose from {ALL_METHODS}")
+    if args.batches is None:
+        args.batches = (
+            (GPU_QUICK_BATCHES if args.quick else GPU_BATCHES)
+            if gpu
+            else (CPU_QUICK_BATCHES if args.quick else CPU_BATCHES)
+        )
+    if args.dims is None:
+        args.dims = (GPU_QUICK_DIMS if args.quick else GPU_DIMS) if gpu else CPU_DIMS
+    if args.baseline_dims is None:
+        args.baseline_dims = GPU_QUICK_BASELINE_DIMS if (gpu and args.quick) else args.dims
+    args.batches = tuple(sorted(args.batches))
+    args.dims = tuple(sorted(args.dims))
+    if args.dtype is None:
+        args.dtype = "bf16" if gpu else "fp32"
+    if args.backend is None:
+        args.backend = "auto" if gpu else "torch"
+    if args.max_seconds is None and args.quick and gpu:
+        args.max_seconds = 150.0
+    if args.slow_seconds is None:
+        args.slow_seconds = 1.0 if args.quick else 5.0
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    return args
+
+
+def main(argv=None) -> int:
+    args = resolve_args(build_parser().parse_args(argv))
+    meta = collect_meta(args)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    meta["config"] = config
+    meta["argv"] = sys.argv if argv is None else list(argv)
+    meta["flop_count"] = "8*b*B*D forward+backward (2bBD fwd, 6bBD bwd) for every method"
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dev_tag = "".join(c if c.isalnum() else "-" for c in meta["device_name"]).strip("-")[:40] or args.device
+    stem = f"loss_throughput-{args.device}-{dev_tag}" + (f"-{args.tag}" if args.tag else "") + f"-{stamp}"
+    json_path = args.out / f"{stem}.json"
+    png_path = args.out / f"{stem}.png"
+
+    print(
+        f"device {meta['device_name']} ({args.device}), torch {meta['torch']}, triton {meta['triton']}, "
+        f"git {meta['git_sha'] or 'n/a'}"
+    )
+    print(
+        f"methods {','.join(args.methods)}; b=B in {args.batches}; D in {args.dims} "
+        f"(baselines D in {args.baseline_dims}); {args.dtype}"
+    )
+    meta["matmul_rate"] = gpu_matmul_rate() if args.device == "cuda" else cpu_matmul_rate(args.dtype)
+    print(
+        f"matmul rate: {meta['matmul_rate']['what']} = {meta['matmul_rate']['tflops']:.2f} TFLOP/s "
+        f"(floor = 8bBD / this)"
+    )
+
+    def emit(rows):  # rewrite after every row so a killed run still leaves its results
+        tmp = json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        os.replace(tmp, json_path)
+
+    def on_term(signum, frame):
+        raise _Stop()
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    rows: list[dict] = []
+    interrupted = False
+    try:
+        rows = run_sweep(args, meta, emit)
+    except (_Stop, KeyboardInterrupt):
+        interrupted = True
+        print("\ninterrupted: writing what was measured")
+        rows = json.loads(json_path.read_text())["rows"] if json_path.exists() else []
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+    ratios = memory_ratios(rows)
+    meta["memory_ratios"] = ratios
+    meta["interrupted"] = interrupted
+    emit(rows)
+    print()
+    print(format_table(rows))
+    if ratios:
+        print("\npeak extra memory, ours / naive:")
+        for r in ratios:
+            tag = ""
+            if (r["b"], r["D"]) == ACCEPTANCE and args.device == "cpu":
+                ok = r["ratio"] < ACCEPTANCE_RATIO
+                tag = f"  <- acceptance case, target < {ACCEPTANCE_RATIO:.0%}: {'PASS' if ok else 'FAIL'}"
+            print(
+                f"  b=B={r['b']:<7d} D={r['D']:<5d} {r['ours_mib']:10.1f} / {r['naive_mib']:10.1f} MiB "
+                f"= {r['ratio']:.2%}{tag}"
+            )
+    print(f"\nresults: {json_path}")
+    if not args.no_plot and rows and plot(rows, meta, png_path):
+        print(f"plot:    {png_path}")
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
