@@ -30,8 +30,8 @@ COL_CHUNK = 2048
 class Stats(NamedTuple):
     """Per-row and per-column statistics of one forward sweep.
 
-    rows: (3, b) in the compute dtype (float32; float64 for float64 inputs) -- InfoNCE: [lse, lse over negatives, positive logit];
-          sigmoid: [sum of loss terms, 0, 0].
+    Both in the compute dtype (float32; float64 for float64 inputs).
+    rows: (3, b) -- InfoNCE: [lse, lse over negatives, positive logit]; sigmoid: [sum of terms, 0, 0].
     cols: (3, B) same dtype -- InfoNCE: [max, sum exp(S - max), same over negatives], combinable with
           :func:`combine_stats`; sigmoid: zeros.
     """
