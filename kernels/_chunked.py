@@ -90,11 +90,10 @@ def _tile_stats(x, is_pos, valid, dim):
     return torch.stack([m, e.sum(dim), torch.where(is_pos, 0.0, e).sum(dim)])
 
 
-def forward_stats(
-    image, text, scale, bias, pos, groups, sigmoid: bool, row_chunk=ROW_CHUNK, col_chunk=COL_CHUNK
-):
+def forward_stats(image, text, scale, bias, pos, groups, sigmoid: bool):
     """One sweep over (row chunk, column chunk) blocks; returns :class:`Stats`."""
     b, B = image.shape[0], text.shape[0]
+    row_chunk, col_chunk = ROW_CHUNK, COL_CHUNK
     cdt = compute_dtype(image.dtype)
     dev = image.device
     f = dict(dtype=cdt, device=dev)
@@ -148,12 +147,10 @@ def block_grad_logits(x, is_pos, valid, row_vecs, col_vecs, sigmoid: bool):
     return torch.where(valid, torch.where(is_pos, on, off), 0.0)
 
 
-def backward_grads(
-    grad, image, text, scale, bias, pos, groups, row_vecs, col_vecs, sigmoid: bool,
-    row_chunk=ROW_CHUNK, col_chunk=COL_CHUNK,
-):  # fmt: skip
+def backward_grads(grad, image, text, scale, bias, pos, groups, row_vecs, col_vecs, sigmoid: bool):
     """Recompute each block and accumulate (dI, dT, dscale, dbias)."""
     b, B = image.shape[0], text.shape[0]
+    row_chunk, col_chunk = ROW_CHUNK, COL_CHUNK
     cdt = compute_dtype(image.dtype)
     dI = torch.zeros(image.shape, dtype=cdt, device=image.device)
     dT = torch.zeros(text.shape, dtype=cdt, device=image.device)

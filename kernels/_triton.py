@@ -110,8 +110,16 @@ def _tile_masks(rows, cols, row_ok, col_ok, pos, grp_ptr, grp_row, HAS_GROUPS: t
 
 
 @triton.jit
+def _log1p(x):
+    # Kahan's log1p: log(u) * x / (u - 1) with u = 1 + x cancels the rounding of u; a few ulps.
+    u = 1.0 + x
+    same = u == 1.0
+    return tl.where(same, x, tl.log(u) * x / tl.where(same, 1.0, u - 1.0))
+
+
+@triton.jit
 def _softplus(t):
-    return tl.maximum(t, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(t)))
+    return tl.maximum(t, 0.0) + _log1p(tl.exp(-tl.abs(t)))
 
 
 @triton.jit
