@@ -224,7 +224,6 @@ def gpu_matmul_rate() -> dict:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     ms = triton.testing.do_bench(lambda: torch.mm(a, b), quantiles=[0.5, 0.2, 0.8])
-    del a, b
     return {"what": "torch.mm bf16 8192^3", "ms": ms[0], "tflops": 2 * n**3 / (ms[0] * 1e-3) / 1e12}
 
 
@@ -276,7 +275,7 @@ def measure_gpu(fn, img, txt, scale, bias, leaves, args) -> dict:
     loss = fn(img, txt, scale)
     bwd = triton.testing.do_bench(lambda: loss.backward(retain_graph=True), **kw)
     row.update(zip(("bwd_ms", "bwd_ms_p20", "bwd_ms_p80"), bwd))
-    del loss
+    loss = None  # drop the retained graph before timing forward+backward
     for x in leaves:
         x.grad = None
     fb = triton.testing.do_bench(lambda: fn(img, txt, scale).backward(), **kw)
@@ -339,8 +338,35 @@ def measure_cpu_time(fn, img, txt, scale, leaves, repeats) -> dict:
     return row
 
 
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _cpu_mem_child(spec_json: str) -> None:
-    """Runs in a fresh interpreter: print {"inputs_kib", "after_kib", ...} as one JSON line."""
+    """Runs in a fresh interpreter: print the peak-memory readings as one JSON line.
+
+    ru_maxrss alone is not enough: Linux carries the parent's peak RSS into a child across
+    fork/vfork + exec (signal->maxrss), so a child started from a big benchmark process reports the
+    parent's peak. The child therefore also reads VmHWM, the peak of its own address space, reset
+    to the current RSS once the inputs exist; `peak_extra` uses it when the reset works.
+    """
     import resource
 
     import torch
@@ -358,11 +384,22 @@ def _cpu_mem_child(spec_json: str) -> None:
     img, txt, scale, _ = make_inputs(
         spec["b"], spec["B"], spec["D"], dtype, "cpu", spec["seed"], spec["scale"], spec["bias"]
     )
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    hwm0 = _proc_status_kib("VmHWM")
+    rss0 = _proc_status_kib("VmRSS")
+    reset = _reset_hwm()
     loss = fn(img, txt, scale)
     loss.backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"inputs_kib": before, "after_kib": after, "loss": float(loss.detach())}))
+    out = {
+        "maxrss_inputs_kib": maxrss0,
+        "maxrss_after_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "hwm_inputs_kib": hwm0,
+        "rss_inputs_kib": rss0,
+        "hwm_after_kib": _proc_status_kib("VmHWM"),
+        "hwm_reset": reset,
+        "loss": float(loss.detach()),
+    }
+    print(json.dumps(out))
 
 
 def measure_cpu_memory(method, b, B, D, args) -> dict:
@@ -378,9 +415,10 @@ def measure_cpu_memory(method, b, B, D, args) -> dict:
         "bias": args.bias,
         "threads": _threads(),
     }
+    here = str(Path(__file__).resolve())
     code = (
         "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('_loss_throughput', {str(Path(__file__).resolve())!r})\n"
+        f"spec = importlib.util.spec_from_file_location('_loss_throughput', {here!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "m._cpu_mem_child(sys.argv[1])\n"
     )
@@ -390,11 +428,22 @@ def measure_cpu_memory(method, b, B, D, args) -> dict:
         oom = proc.returncode in (-9, 137) or "MemoryError" in proc.stderr
         return {"mem_status": "oom" if oom else "error", "mem_error": tail[0][:300]}
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {
-        "peak_extra_mib": (res["after_kib"] - res["inputs_kib"]) / 1024,
-        "rss_inputs_mib": res["inputs_kib"] / 1024,
-        "rss_peak_mib": res["after_kib"] / 1024,
+    out = {
+        "maxrss_extra_mib": (res["maxrss_after_kib"] - res["maxrss_inputs_kib"]) / 1024,
+        "rss_inputs_mib": (res["rss_inputs_kib"] or 0) / 1024,
     }
+    if res["hwm_after_kib"] is None:  # no /proc: ru_maxrss is all there is
+        out.update(peak_extra_mib=out["maxrss_extra_mib"], mem_how="ru_maxrss delta")
+    elif res["hwm_reset"]:
+        out.update(
+            peak_extra_mib=(res["hwm_after_kib"] - res["rss_inputs_kib"]) / 1024,
+            mem_how="VmHWM (reset after inputs) - VmRSS after inputs",
+        )
+    else:
+        out.update(
+            peak_extra_mib=(res["hwm_after_kib"] - res["hwm_inputs_kib"]) / 1024, mem_how="VmHWM delta"
+        )
+    return out
 
 
 def _threads() -> int:
@@ -556,8 +605,9 @@ def format_table(rows) -> str:
         note = r.get("note", "") if r.get("status") == "ok" else f"{r.get('status')}: {r.get('note', '')}"
         lines.append(
             f"{r['method']:15s} {r['b']:7d} {r['B']:7d} {r['D']:5d} {r['dtype']:5s} "
-            f"{_fmt(r.get('fwd_ms'), '9.2f')} {_fmt(r.get('bwd_ms'), '9.2f')} {_fmt(r.get('fwd_bwd_ms'), '9.2f')} "
-            f"{_fmt(r.get('fwd_bwd_tflops'), '8.1f')} {_fmt(r.get('fwd_bwd_x_floor'), '8.2f')} {mem_s:>10s}  {note}"
+            f"{_fmt(r.get('fwd_ms'), '9.2f')} {_fmt(r.get('bwd_ms'), '9.2f')} "
+            f"{_fmt(r.get('fwd_bwd_ms'), '9.2f')} {_fmt(r.get('fwd_bwd_tflops'), '8.1f')} "
+            f"{_fmt(r.get('fwd_bwd_x_floor'), '8.2f')} {mem_s:>10s}  {note}"
         )
     return "\n".join(lines)
 
@@ -679,8 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         type=lambda s: tuple(x for x in s.replace(",", " ").split()),
         default=None,
-        help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: ours,naive,openclip-local,infcl on "
-        "CUDA; ours,naive,openclip-local on CPU)",
+        help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: ours,naive,openclip-local,infcl "
+        "on CUDA; ours,naive,openclip-local on CPU)",
     )
     p.add_argument(
         "--sigmoid", action="store_true", help="also run ours-sigmoid and naive-sigmoid (SigLIP loss)"
@@ -695,7 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline-dims",
         type=_ints,
         default=None,
-        help="dims at which the baselines (naive*, openclip-local, infcl) run (default: --dims; --quick: 1024)",
+        help="dims at which the baselines (naive*, openclip-local, infcl) run "
+        "(default: --dims; --quick on CUDA: 1024)",
     )
     p.add_argument(
         "--dtype", choices=tuple(DTYPES), default=None, help="input dtype (default bf16 on CUDA, fp32 on CPU)"
