@@ -200,7 +200,14 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _backward_fake(grad, image, text, scale, bias, pos, groups, row_vecs, col_vecs, sigmoid, backend):
-    return torch.empty_like(image), torch.empty_like(text), torch.empty_like(scale), torch.empty_like(scale)
+    # The real backends return contiguous gradients whatever the inputs' strides.
+    contiguous = torch.contiguous_format
+    return (
+        torch.empty_like(image, memory_format=contiguous),
+        torch.empty_like(text, memory_format=contiguous),
+        torch.empty_like(scale),
+        torch.empty_like(scale),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -248,6 +255,15 @@ def _as_scalar(value, name: str, device: torch.device, dtype: torch.dtype) -> Te
     raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
 
 
+def _is_int_tensor(t) -> bool:
+    return (
+        isinstance(t, Tensor)
+        and not t.dtype.is_floating_point
+        and not t.is_complex()
+        and t.dtype != torch.bool
+    )
+
+
 def _prepare(image, text, logit_scale, logit_bias, positive_index, positive_offset, group_ids, backend):
     for name, t in (("image_feats", image), ("text_feats", text)):
         if not isinstance(t, Tensor):
@@ -263,10 +279,13 @@ def _prepare(image, text, logit_scale, logit_bias, positive_index, positive_offs
             f"feature dims differ: image_feats has D={image.shape[1]}, text_feats D={text.shape[1]}"
         )
     device = image.device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"features must be on a CPU or CUDA device, got {device}")
     if torch.is_autocast_enabled(device.type):
-        # Like a matmul under autocast: both operands in the autocast dtype.
+        # Like a matmul under autocast: 16/32-bit float operands run in the autocast dtype.
         dtype = torch.get_autocast_dtype(device.type)
-        image, text = image.to(dtype), text.to(dtype)
+        cast = lambda t: t.to(dtype) if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+        image, text = cast(image), cast(text)
     if image.dtype != text.dtype:
         raise TypeError(f"dtypes differ: image_feats is {image.dtype}, text_feats is {text.dtype}")
     if image.dtype not in _FLOAT_DTYPES:
@@ -279,7 +298,7 @@ def _prepare(image, text, logit_scale, logit_bias, positive_index, positive_offs
     scale = _as_scalar(logit_scale, "logit_scale", device, cdt)
     bias = None if logit_bias is None else _as_scalar(logit_bias, "logit_bias", device, cdt)
     if positive_index is not None:
-        if not isinstance(positive_index, Tensor) or positive_index.dtype.is_floating_point:
+        if not _is_int_tensor(positive_index):
             raise TypeError("positive_index must be an integer tensor of shape (b,)")
         if positive_index.shape != (b,):
             raise ValueError(f"positive_index must have shape ({b},), got {tuple(positive_index.shape)}")
@@ -294,7 +313,7 @@ def _prepare(image, text, logit_scale, logit_bias, positive_index, positive_offs
         pos = torch.arange(positive_offset, positive_offset + b, device=device)
     groups = None
     if group_ids is not None:
-        if not isinstance(group_ids, Tensor) or group_ids.dtype.is_floating_point:
+        if not _is_int_tensor(group_ids):
             raise TypeError("group_ids must be an integer tensor of shape (B,)")
         if group_ids.shape != (B,):
             raise ValueError(f"group_ids must have shape ({B},) (one per text), got {tuple(group_ids.shape)}")
