@@ -154,8 +154,8 @@ def backward_grads(grad, image, text, scale, bias, pos, groups, row_vecs, col_ve
     cdt = compute_dtype(image.dtype)
     dI = torch.zeros(image.shape, dtype=cdt, device=image.device)
     dT = torch.zeros(text.shape, dtype=cdt, device=image.device)
-    dscale = torch.zeros((), dtype=cdt, device=image.device)
-    dbias = torch.zeros((), dtype=cdt, device=image.device)
+    dscale = torch.zeros((), dtype=torch.float64, device=image.device)
+    dbias = torch.zeros((), dtype=torch.float64, device=image.device)
     g = grad.to(cdt)
     s = scale.to(cdt)
     for r0 in range(0, b, row_chunk):
@@ -166,8 +166,9 @@ def backward_grads(grad, image, text, scale, bias, pos, groups, row_vecs, col_ve
             dS = g * block_grad_logits(
                 x, is_pos, valid, row_vecs[:, r0:r1].to(cdt), col_vecs[:, c0:c1].to(cdt), sigmoid
             )
-            dscale += (dS * G).sum()
-            dbias += dS.sum()
+            # Cancelling sums: accumulate in fp64 (as the Triton kernels do).
+            dscale += (dS * G).sum(dtype=torch.float64)
+            dbias += dS.sum(dtype=torch.float64)
             dG = dS * s
             dI[r0:r1] += dG @ text[c0:c1].to(cdt)
             dT[c0:c1] += dG.T @ image[r0:r1].to(cdt)

@@ -42,8 +42,8 @@ SPLIT_ALIGN = 256
 FWD_BM = 128
 
 # Small tiles under the interpreter: the tests' odd shapes then span several tiles.
-_INTERP_FWD = dict(BM=32, BN=32, BK=32)
-_INTERP_GEMM = dict(BM=32, BN=32, BK=32, GROUP_M=4)
+_INTERP_FWD = dict(BM=64, BN=64, BK=32)
+_INTERP_GEMM = dict(BM=64, BN=64, BK=32, GROUP_M=4)
 
 
 def _interpreting() -> bool:
@@ -213,7 +213,7 @@ def _grad_logits_kernel(
     row_vecs,  # (4, b) fp32: lse, q = 1 - P_pos, row coefficient, t2i coefficient
     col_vecs,  # (4, B) fp32: lse, q, column coefficient, unique-positive flag
     WS,  # (>= r1 - r0, >= c1 - c0) workspace: s * dS
-    partials,  # (n_tiles, 2) fp32: sum(dS * G), sum(dS) of each tile
+    partials,  # (n_tiles, 2) fp64: sum(dS * G), sum(dS) of each tile
     b, B, D, r0, r1, c0, c1,
     stride_i0, stride_i1, stride_t0, stride_t1, stride_w0, stride_w1,
     HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, SIGMOID: tl.constexpr,
@@ -265,9 +265,11 @@ def _grad_logits_kernel(
     ds = tl.where(valid, ds, 0.0) * g
     w_ptr = WS + (rows - r0).to(tl.int64)[:, None] * stride_w0 + (cols - c0)[None, :] * stride_w1
     tl.store(w_ptr, (ds * s).to(WS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    # The scale and bias gradients are sums of terms of both signs that cancel; fp64 partials keep
+    # the rounding below PyTorch's (one add per element, next to D multiply-adds on the tensor cores).
     tile = pid_m * tl.num_programs(1) + pid_n
-    tl.store(partials + 2 * tile, tl.sum(tl.sum(ds * acc, axis=1), axis=0))
-    tl.store(partials + 2 * tile + 1, tl.sum(tl.sum(ds, axis=1), axis=0))
+    tl.store(partials + 2 * tile, tl.sum(tl.sum(ds.to(tl.float64) * acc.to(tl.float64), axis=1), axis=0))
+    tl.store(partials + 2 * tile + 1, tl.sum(tl.sum(ds.to(tl.float64), axis=1), axis=0))
 
 
 @triton.jit
@@ -447,7 +449,7 @@ def backward_grads(grad, image, text, scale, bias, pos, groups, row_vecs, col_ve
     dT_acc = torch.empty(B, D, dtype=torch.float32, device=dev) if n_r > 1 else None
     min_bm, min_bn = (_INTERP_FWD["BM"], _INTERP_FWD["BN"]) if interp else _GRAD_MIN_TILE
     tiles = triton.cdiv(rows_per, min_bm) * triton.cdiv(cols_per, min_bn)
-    partials = torch.zeros(n_r, n_c, tiles, 2, dtype=torch.float32, device=dev)
+    partials = torch.zeros(n_r, n_c, tiles, 2, dtype=torch.float64, device=dev)
     dot_fp32, precision = _dot_mode(image.dtype, text.dtype)
     flags = dict(HAS_BIAS=bias is not None, HAS_GROUPS=groups is not None, SIGMOID=sigmoid)
     flags.update(DOT_FP32=dot_fp32, PRECISION=precision)

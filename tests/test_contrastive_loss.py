@@ -191,6 +191,14 @@ def test_one_side_requires_grad(backend, device):
     torch.testing.assert_close(gt.double(), ref_t, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("name", ["infonce", "sigmoid"])
+def test_thousand_rows(name, backend, device):
+    """b = B = 1000: many tiles each way (slow under the interpreter, so D is small)."""
+    image, text, s, beta = make_inputs(1000, 1000, 12, torch.bfloat16, device, scale=100.0, bias=-8.0)
+    check_against_reference(name, image, text, s, beta, backend)
+
+
 # ----------------------------------------------------------------------------- chunked path at scale
 
 
