@@ -66,18 +66,23 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _block(image, text, scale, bias, pos, groups, r0, r1, c0, c1, cdt):
-    """Logits x, raw dots G, and the masks of one (rows r0:r1, cols c0:c1) block."""
+def _block(image, text, scale, bias, pos, row_groups, col_groups, r0, r1, c0, c1, cdt):
+    """Logits x, raw dots G, and the masks of one (rows r0:r1, cols c0:c1) block.
+
+    pos holds each row's positive column in this call's column coordinates (a value outside
+    [0, B) means the positive is elsewhere, e.g. on another rank). row_groups is the group of
+    each row's positive, col_groups the group of each column; both None without masking.
+    """
     G = image[r0:r1].to(cdt) @ text[c0:c1].to(cdt).T
     x = G * scale.to(cdt)
     if bias is not None:
         x = x + bias.to(cdt)
     cols = torch.arange(c0, c1, device=image.device)
     is_pos = cols[None, :] == pos[r0:r1, None]
-    if groups is None:
+    if row_groups is None:
         valid = torch.ones_like(is_pos)
     else:
-        valid = (groups[pos[r0:r1]][:, None] != groups[c0:c1][None, :]) | is_pos
+        valid = (row_groups[r0:r1][:, None] != col_groups[c0:c1][None, :]) | is_pos
     return G, x, is_pos, valid
 
 
@@ -90,7 +95,7 @@ def _tile_stats(x, is_pos, valid, dim):
     return torch.stack([m, e.sum(dim), torch.where(is_pos, 0.0, e).sum(dim)])
 
 
-def forward_stats(image, text, scale, bias, pos, groups, sigmoid: bool):
+def forward_stats(image, text, scale, bias, pos, row_groups, col_groups, sigmoid: bool):
     """One sweep over (row chunk, column chunk) blocks; returns :class:`Stats`."""
     b, B = image.shape[0], text.shape[0]
     row_chunk, col_chunk = ROW_CHUNK, COL_CHUNK
@@ -107,7 +112,9 @@ def forward_stats(image, text, scale, bias, pos, groups, sigmoid: bool):
         row_acc[0] = float("-inf")
         for c0 in range(0, B, col_chunk):
             c1 = min(c0 + col_chunk, B)
-            _, x, is_pos, valid = _block(image, text, scale, bias, pos, groups, r0, r1, c0, c1, cdt)
+            _, x, is_pos, valid = _block(
+                image, text, scale, bias, pos, row_groups, col_groups, r0, r1, c0, c1, cdt
+            )
             if sigmoid:
                 z = torch.where(is_pos, 1.0, -1.0).to(cdt)
                 terms = torch.where(valid, F.softplus(-z * x), 0.0)
@@ -147,8 +154,24 @@ def block_grad_logits(x, is_pos, valid, row_vecs, col_vecs, sigmoid: bool):
     return torch.where(valid, torch.where(is_pos, on, off), 0.0)
 
 
-def backward_grads(grad, image, text, scale, bias, pos, groups, row_vecs, col_vecs, sigmoid: bool):
-    """Recompute each block and accumulate (dI, dT, dscale, dbias)."""
+def backward_grads(
+    grad,
+    image,
+    text,
+    scale,
+    bias,
+    pos,
+    row_groups,
+    col_groups,
+    row_vecs,
+    col_vecs,
+    sigmoid: bool,
+    grad_dtype=None,
+):
+    """Recompute each block and accumulate (dI, dT, dscale, dbias).
+
+    dI and dT come back in grad_dtype (default: the inputs' dtype); dscale and dbias in float64.
+    """
     b, B = image.shape[0], text.shape[0]
     row_chunk, col_chunk = ROW_CHUNK, COL_CHUNK
     cdt = compute_dtype(image.dtype)
@@ -162,7 +185,9 @@ def backward_grads(grad, image, text, scale, bias, pos, groups, row_vecs, col_ve
         r1 = min(r0 + row_chunk, b)
         for c0 in range(0, B, col_chunk):
             c1 = min(c0 + col_chunk, B)
-            G, x, is_pos, valid = _block(image, text, scale, bias, pos, groups, r0, r1, c0, c1, cdt)
+            G, x, is_pos, valid = _block(
+                image, text, scale, bias, pos, row_groups, col_groups, r0, r1, c0, c1, cdt
+            )
             dS = g * block_grad_logits(
                 x, is_pos, valid, row_vecs[:, r0:r1].to(cdt), col_vecs[:, c0:c1].to(cdt), sigmoid
             )
@@ -172,4 +197,4 @@ def backward_grads(grad, image, text, scale, bias, pos, groups, row_vecs, col_ve
             dG = dS * s
             dI[r0:r1] += dG @ text[c0:c1].to(cdt)
             dT[c0:c1] += dG.T @ image[r0:r1].to(cdt)
-    return dI.to(image.dtype), dT.to(text.dtype), dscale, dbias
+    return dI.to(grad_dtype or image.dtype), dT.to(grad_dtype or text.dtype), dscale, dbias

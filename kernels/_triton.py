@@ -100,11 +100,11 @@ def _logits_tile(
 
 
 @triton.jit
-def _tile_masks(rows, cols, row_ok, col_ok, pos, grp_ptr, grp_row, HAS_GROUPS: tl.constexpr):
+def _tile_masks(rows, cols, row_ok, col_ok, pos, col_grp_ptr, grp_row, HAS_GROUPS: tl.constexpr):
     is_pos = cols[None, :] == pos[:, None]
     valid = row_ok[:, None] & col_ok[None, :]
     if HAS_GROUPS:
-        grp_col = tl.load(grp_ptr + cols, mask=col_ok, other=0)
+        grp_col = tl.load(col_grp_ptr + cols, mask=col_ok, other=0)
         valid = valid & ((grp_col[None, :] != grp_row[:, None]) | is_pos)
     return is_pos, valid
 
@@ -133,7 +133,7 @@ def _sigmoid(t):
 
 @triton.jit
 def _forward_kernel(
-    I, T, scale_ptr, bias_ptr, pos_ptr, grp_ptr,
+    I, T, scale_ptr, bias_ptr, pos_ptr, row_grp_ptr, col_grp_ptr,
     row_out,  # (4, n_splits, b) fp32: max, sum, sum over negatives, positive logit | sigmoid: [_, loss sum]
     col_out,  # (3, ROW_BLOCKS_PER_CHUNK, B) fp32: per row block [max, sum, sum_neg] of each column
     b, B, D, row_start, split_len,
@@ -151,7 +151,7 @@ def _forward_kernel(
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
     grp_row = pos
     if HAS_GROUPS:
-        grp_row = tl.load(grp_ptr + pos, mask=row_ok, other=0)
+        grp_row = tl.load(row_grp_ptr + rows, mask=row_ok, other=0)
     s = tl.load(scale_ptr).to(tl.float32)
     beta = 0.0
     if HAS_BIAS:
@@ -171,7 +171,7 @@ def _forward_kernel(
             BM, BN, BK, DOT_FP32, PRECISION,
         )  # fmt: skip
         x = acc * s + beta
-        is_pos, valid = _tile_masks(rows, cols, row_ok, col_ok, pos, grp_ptr, grp_row, HAS_GROUPS)
+        is_pos, valid = _tile_masks(rows, cols, row_ok, col_ok, pos, col_grp_ptr, grp_row, HAS_GROUPS)
         if SIGMOID:
             z = tl.where(is_pos, 1.0, -1.0)
             l_i += tl.sum(tl.where(valid, _softplus(-z * x), 0.0), axis=1)
@@ -209,7 +209,7 @@ def _forward_kernel(
 
 @triton.jit
 def _grad_logits_kernel(
-    I, T, scale_ptr, bias_ptr, grad_ptr, pos_ptr, grp_ptr,
+    I, T, scale_ptr, bias_ptr, grad_ptr, pos_ptr, row_grp_ptr, col_grp_ptr,
     row_vecs,  # (4, b) fp32: lse, q = 1 - P_pos, row coefficient, t2i coefficient
     col_vecs,  # (4, B) fp32: lse, q, column coefficient, unique-positive flag
     WS,  # (>= r1 - r0, >= c1 - c0) workspace: s * dS
@@ -229,7 +229,7 @@ def _grad_logits_kernel(
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
     grp_row = pos
     if HAS_GROUPS:
-        grp_row = tl.load(grp_ptr + pos, mask=row_ok, other=0)
+        grp_row = tl.load(row_grp_ptr + rows, mask=row_ok, other=0)
     s = tl.load(scale_ptr).to(tl.float32)
     g = tl.load(grad_ptr).to(tl.float32)
     beta = 0.0
@@ -240,7 +240,7 @@ def _grad_logits_kernel(
         BM, BN, BK, DOT_FP32, PRECISION,
     )  # fmt: skip
     x = acc * s + beta
-    is_pos, valid = _tile_masks(rows, cols, row_ok, col_ok, pos, grp_ptr, grp_row, HAS_GROUPS)
+    is_pos, valid = _tile_masks(rows, cols, row_ok, col_ok, pos, col_grp_ptr, grp_row, HAS_GROUPS)
     coef_r = tl.load(row_vecs + 2 * b + rows, mask=row_ok, other=0.0)
     if SIGMOID:
         z = tl.where(is_pos, 1.0, -1.0)
@@ -367,7 +367,7 @@ def _tuned(name: str):
 # ----------------------------------------------------------------------------- host launchers
 
 
-def forward_stats(image, text, scale, bias, pos, groups, sigmoid: bool) -> Stats:
+def forward_stats(image, text, scale, bias, pos, row_groups, col_groups, sigmoid: bool) -> Stats:
     """Row statistics (3, b) and combined column statistics (3, B); see ``_chunked.Stats``."""
     b, D = image.shape
     B = text.shape[0]
@@ -386,15 +386,15 @@ def forward_stats(image, text, scale, bias, pos, groups, sigmoid: bool) -> Stats
     cols[0] = float("-inf")
     col_part = torch.empty(3, n_rb, B, dtype=torch.float32, device=dev) if not sigmoid else cols
     bias_arg = bias if bias is not None else scale
-    grp_arg = groups if groups is not None else pos
+    row_grp, col_grp = (row_groups, col_groups) if row_groups is not None else (pos, pos)
     for r0 in range(0, b, chunk_rows):
         grid = (triton.cdiv(min(chunk_rows, b - r0), BM), n_splits)
         args = (
-            image, text, scale, bias_arg, pos, grp_arg, row_part, col_part,
+            image, text, scale, bias_arg, pos, row_grp, col_grp, row_part, col_part,
             b, B, D, r0, split_len,
             image.stride(0), image.stride(1), text.stride(0), text.stride(1),
         )  # fmt: skip
-        flags = dict(HAS_BIAS=bias is not None, HAS_GROUPS=groups is not None, SIGMOID=sigmoid)
+        flags = dict(HAS_BIAS=bias is not None, HAS_GROUPS=row_groups is not None, SIGMOID=sigmoid)
         flags.update(DOT_FP32=dot_fp32, PRECISION=precision, BM=BM)
         if interp:
             _forward_kernel[grid](*args, **flags, BN=_INTERP_FWD["BN"], BK=_INTERP_FWD["BK"])
@@ -432,8 +432,24 @@ def _gemm(a, bmat, out, acc, load_acc: bool, store_out: bool):
         _tuned("gemm")[grid](*args, **flags)
 
 
-def backward_grads(grad, image, text, scale, bias, pos, groups, row_vecs, col_vecs, sigmoid: bool):
-    """(dI, dT, dscale, dbias) by superblocks of a fixed-size workspace."""
+def backward_grads(
+    grad,
+    image,
+    text,
+    scale,
+    bias,
+    pos,
+    row_groups,
+    col_groups,
+    row_vecs,
+    col_vecs,
+    sigmoid: bool,
+    grad_dtype=None,
+):
+    """(dI, dT, dscale, dbias) by superblocks of a fixed-size workspace.
+
+    dI and dT come back in grad_dtype (default: the inputs' dtype); dscale and dbias in float64.
+    """
     b, D = image.shape
     B = text.shape[0]
     dev = image.device
@@ -442,8 +458,8 @@ def backward_grads(grad, image, text, scale, bias, pos, groups, row_vecs, col_ve
     n_r, n_c = triton.cdiv(b, rows_per), triton.cdiv(B, cols_per)
     ws_dtype = torch.bfloat16 if image.dtype == torch.bfloat16 else torch.float32
     ws = torch.empty(rows_per, cols_per, dtype=ws_dtype, device=dev)
-    dI = torch.empty_like(image, memory_format=torch.contiguous_format)
-    dT = torch.empty_like(text, memory_format=torch.contiguous_format)
+    dI = torch.empty(image.shape, dtype=grad_dtype or image.dtype, device=dev)
+    dT = torch.empty(text.shape, dtype=grad_dtype or text.dtype, device=dev)
     # fp32 accumulators only where a dimension spans several superblocks.
     dI_acc = torch.empty(rows_per, D, dtype=torch.float32, device=dev) if n_c > 1 else None
     dT_acc = torch.empty(B, D, dtype=torch.float32, device=dev) if n_r > 1 else None
@@ -451,10 +467,10 @@ def backward_grads(grad, image, text, scale, bias, pos, groups, row_vecs, col_ve
     tiles = triton.cdiv(rows_per, min_bm) * triton.cdiv(cols_per, min_bn)
     partials = torch.zeros(n_r, n_c, tiles, 2, dtype=torch.float64, device=dev)
     dot_fp32, precision = _dot_mode(image.dtype, text.dtype)
-    flags = dict(HAS_BIAS=bias is not None, HAS_GROUPS=groups is not None, SIGMOID=sigmoid)
+    flags = dict(HAS_BIAS=bias is not None, HAS_GROUPS=row_groups is not None, SIGMOID=sigmoid)
     flags.update(DOT_FP32=dot_fp32, PRECISION=precision)
     bias_arg = bias if bias is not None else scale
-    grp_arg = groups if groups is not None else pos
+    row_grp, col_grp = (row_groups, col_groups) if row_groups is not None else (pos, pos)
     grad = grad.reshape(()).float()
     row_vecs = row_vecs.float().contiguous()
     col_vecs = col_vecs.float().contiguous()
@@ -463,7 +479,8 @@ def backward_grads(grad, image, text, scale, bias, pos, groups, row_vecs, col_ve
         for ci in range(n_c):
             c0, c1 = ci * cols_per, min((ci + 1) * cols_per, B)
             args = (
-                image, text, scale, bias_arg, grad, pos, grp_arg, row_vecs, col_vecs, ws, partials[ri, ci],
+                image, text, scale, bias_arg, grad, pos, row_grp, col_grp,
+                row_vecs, col_vecs, ws, partials[ri, ci],
                 b, B, D, r0, r1, c0, c1,
                 image.stride(0), image.stride(1), text.stride(0), text.stride(1), ws.stride(0), ws.stride(1),
             )  # fmt: skip

@@ -158,7 +158,8 @@ def _forward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_values(scale, bias, pos, text.shape[0])
     with torch.autocast(image.device.type, enabled=False):
-        stats = _impl(backend).forward_stats(image, text, scale, bias, pos, groups, sigmoid)
+        row_groups = None if groups is None else groups[pos]
+        stats = _impl(backend).forward_stats(image, text, scale, bias, pos, row_groups, groups, sigmoid)
         b = image.shape[0]
         if sigmoid:
             loss, row_vecs, col_vecs = sigmoid_from_stats(stats.rows, text.shape[0], 1.0 / b)
@@ -192,8 +193,9 @@ def _backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     with torch.autocast(image.device.type, enabled=False):
+        row_groups = None if groups is None else groups[pos]
         dI, dT, dscale, dbias = _impl(backend).backward_grads(
-            grad, image, text, scale, bias, pos, groups, row_vecs, col_vecs, sigmoid
+            grad, image, text, scale, bias, pos, row_groups, groups, row_vecs, col_vecs, sigmoid
         )
     return dI, dT, dscale.to(scale.dtype, copy=True), dbias.to(scale.dtype, copy=True)
 

@@ -31,7 +31,8 @@ def main():
     ]
     for dt, ws, dot_fp32, prec in dtypes:
         main_path = dt == "bf16"
-        types = dict(I="*" + dt, T="*" + dt, WS="*" + ws, pos_ptr="*i64", grp_ptr="*i64", partials="*fp64")
+        types = dict(I="*" + dt, T="*" + dt, WS="*" + ws, pos_ptr="*i64", partials="*fp64")
+        types.update(row_grp_ptr="*i64", col_grp_ptr="*i64")
         for name in ("scale_ptr", "bias_ptr", "row_out", "col_out", "grad_ptr", "row_vecs", "col_vecs"):
             types[name] = "*fp32"
         for sigmoid in (False, True) if main_path else (False,):
