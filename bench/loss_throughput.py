@@ -23,9 +23,13 @@ triton.testing.do_bench(quantiles=[0.5, 0.2, 0.8]); peak extra memory = max_memo
 during one forward+backward minus the memory allocated before it (inputs); out-of-memory per
 method and size is recorded as OOM and the run goes on.
 
-CPU mode (default without CUDA, or --device cpu): fp32, time.perf_counter medians over
---repeats; the peak memory of each method and size is measured in a fresh Python process as
-ru_maxrss after forward+backward minus ru_maxrss once the inputs exist.
+CPU mode (default without CUDA, or --device cpu): fp32, backend torch (the chunked path). Each
+method and size runs in a fresh Python process: time.perf_counter medians of forward, backward and
+both over up to --repeats runs, and the peak memory of the first forward+backward over the memory
+held once the inputs exist. That process reports ru_maxrss too, but uses VmHWM (reset after the
+inputs are made) for the number, because Linux carries the parent's peak RSS into ru_maxrss of a
+child (see _cpu_child). CPU timings are only as good as the machine is idle: the load average is
+recorded in the JSON.
 
     python bench/loss_throughput.py                 # full sweep on the GPU
     python bench/loss_throughput.py --quick         # a few minutes on the GPU
@@ -113,7 +117,7 @@ def _oom_types():
 
 
 def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, _oom_types()):
+    if isinstance(exc, (MemoryError, *_oom_types())):
         return True
     msg = str(exc)
     return isinstance(exc, RuntimeError) and (
@@ -201,10 +205,10 @@ def make_inputs(b, B, D, dtype, device, seed, scale_value, bias_value):
     """L2-normalised leaf features (b x D, B x D), a scale and a bias leaf, all requiring grad."""
     import torch
 
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     feats = []
     for n in (b, B):
-        x = torch.randn(n, D, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+        x = torch.randn(n, D, generator=g, dtype=torch.float32, device=device).to(dtype)
         x.div_(x.float().norm(dim=1, keepdim=True).to(dtype))
         feats.append(x.requires_grad_())
     scale = torch.tensor(scale_value, device=device, dtype=torch.float32, requires_grad=True)
@@ -305,39 +309,6 @@ def cpu_matmul_rate(dtype_name: str) -> dict:
     return {"what": f"torch.mm {dtype_name} {n}^3", "ms": ms, "tflops": 2 * n**3 / (ms * 1e-3) / 1e12}
 
 
-def measure_cpu_time(fn, img, txt, scale, leaves, repeats) -> dict:
-    """Median forward, backward and forward+backward wall times (CPU ops are synchronous)."""
-    for x in leaves:
-        x.grad = None
-    fn(img, txt, scale).backward()  # warm-up
-    fw, bw, fb = [], [], []
-    loss = None
-    for _ in range(repeats):
-        for x in leaves:
-            x.grad = None
-        t0 = time.perf_counter()
-        loss = fn(img, txt, scale)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        fw.append(t1 - t0)
-        bw.append(t2 - t1)
-        fb.append(t2 - t0)
-    for x in leaves:
-        x.grad = None
-
-    def stats(name, xs):
-        xs = sorted(v * 1e3 for v in xs)
-        q = lambda p: xs[min(len(xs) - 1, max(0, round(p * (len(xs) - 1))))]
-        return {f"{name}_ms": statistics.median(xs), f"{name}_ms_p20": q(0.2), f"{name}_ms_p80": q(0.8)}
-
-    row = {"loss": float(loss.detach())}
-    row.update(stats("fwd", fw))
-    row.update(stats("bwd", bw))
-    row.update(stats("fwd_bwd", fb))
-    return row
-
-
 def _proc_status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -359,13 +330,22 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _cpu_mem_child(spec_json: str) -> None:
-    """Runs in a fresh interpreter: print the peak-memory readings as one JSON line.
+def _median_p20_p80(name: str, seconds: list[float]) -> dict:
+    xs = sorted(v * 1e3 for v in seconds)
+    q = lambda p: xs[min(len(xs) - 1, max(0, round(p * (len(xs) - 1))))]
+    return {f"{name}_ms": statistics.median(xs), f"{name}_ms_p20": q(0.2), f"{name}_ms_p80": q(0.8)}
 
-    ru_maxrss alone is not enough: Linux carries the parent's peak RSS into a child across
-    fork/vfork + exec (signal->maxrss), so a child started from a big benchmark process reports the
-    parent's peak. The child therefore also reads VmHWM, the peak of its own address space, reset
-    to the current RSS once the inputs exist; `peak_extra` uses it when the reset works.
+
+def _cpu_child(spec_json: str) -> None:
+    """One method at one size on CPU, in a fresh interpreter; prints one JSON line.
+
+    Memory: ru_maxrss after the first forward+backward minus ru_maxrss once the inputs exist, as
+    asked; but Linux carries the parent's peak RSS into a child across fork/vfork + exec
+    (signal->maxrss), so when the parent is big that difference reads 0. The child therefore also
+    reads VmHWM, the peak RSS of its own address space, reset to the current RSS right after the
+    inputs are made (/proc/self/clear_refs); `peak_extra_mib` uses it whenever the reset works.
+    Time: forward and backward of that first run and of up to `repeats` - 1 more, stopping once
+    `repeat_seconds` of timed work has been done (a tiny warm-up precedes everything).
     """
     import resource
 
@@ -374,35 +354,49 @@ def _cpu_mem_child(spec_json: str) -> None:
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, DTYPES[spec["dtype"]])
-    _, _, _, bias = make_inputs(1, 1, 1, dtype, "cpu", 0, spec["scale"], spec["bias"])
+    # Warm up at a tiny size so lazy initialisation is not counted against the method.
+    i, t, s, bias = make_inputs(64, 64, spec["D"], dtype, "cpu", 1, spec["scale"], spec["bias"])
     fn, _ = make_loss(spec["method"], spec["backend"], bias)
-    # Warm up at a tiny size first so lazy initialisation is not counted against the method.
-    i, t, s, _ = make_inputs(64, 64, spec["D"], dtype, "cpu", 1, spec["scale"], spec["bias"])
     fn(i, t, s).backward()
     del i, t, s
     gc.collect()
-    img, txt, scale, _ = make_inputs(
+    img, txt, scale, bias = make_inputs(
         spec["b"], spec["B"], spec["D"], dtype, "cpu", spec["seed"], spec["scale"], spec["bias"]
     )
-    maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    hwm0 = _proc_status_kib("VmHWM")
-    rss0 = _proc_status_kib("VmRSS")
-    reset = _reset_hwm()
-    loss = fn(img, txt, scale)
-    loss.backward()
+    fn, _ = make_loss(spec["method"], spec["backend"], bias)
+    leaves = [img, txt, scale, bias]
     out = {
-        "maxrss_inputs_kib": maxrss0,
-        "maxrss_after_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        "hwm_inputs_kib": hwm0,
-        "rss_inputs_kib": rss0,
-        "hwm_after_kib": _proc_status_kib("VmHWM"),
-        "hwm_reset": reset,
-        "loss": float(loss.detach()),
+        "maxrss_inputs_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,  # KiB on Linux
+        "hwm_inputs_kib": _proc_status_kib("VmHWM"),
+        "rss_inputs_kib": _proc_status_kib("VmRSS"),
+        "hwm_reset": _reset_hwm(),
     }
+    fw, bw, fb = [], [], []
+    while len(fb) < spec["repeats"] and (not fb or sum(fb) < spec["repeat_seconds"]):
+        for x in leaves:
+            x.grad = None
+        t0 = time.perf_counter()
+        loss = fn(img, txt, scale)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        fw.append(t1 - t0)
+        bw.append(t2 - t1)
+        fb.append(t2 - t0)
+        if len(fb) == 1:
+            out["maxrss_after_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            out["hwm_after_kib"] = _proc_status_kib("VmHWM")
+            out["loss"] = float(loss.detach())
+        loss = None
+    out["timed_runs"] = len(fb)
+    out.update(_median_p20_p80("fwd", fw))
+    out.update(_median_p20_p80("bwd", bw))
+    out.update(_median_p20_p80("fwd_bwd", fb))
     print(json.dumps(out))
 
 
-def measure_cpu_memory(method, b, B, D, args) -> dict:
+def measure_cpu(method, b, B, D, args) -> dict:
+    """Run :func:`_cpu_child` in a fresh interpreter and turn its readings into row fields."""
     spec = {
         "method": method,
         "backend": args.backend,
@@ -414,36 +408,42 @@ def measure_cpu_memory(method, b, B, D, args) -> dict:
         "scale": args.scale,
         "bias": args.bias,
         "threads": _threads(),
+        "repeats": args.repeats,
+        "repeat_seconds": args.repeat_seconds,
     }
     here = str(Path(__file__).resolve())
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('_loss_throughput', {here!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "m._cpu_mem_child(sys.argv[1])\n"
+        "m._cpu_child(sys.argv[1])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-        oom = proc.returncode in (-9, 137) or "MemoryError" in proc.stderr
-        return {"mem_status": "oom" if oom else "error", "mem_error": tail[0][:300]}
+        err = (proc.stderr or proc.stdout).strip().splitlines()
+        msg = err[-1][:300] if err else f"exit {proc.returncode}"
+        if (
+            proc.returncode in (-9, 137)
+            or "MemoryError" in proc.stderr
+            or "DefaultCPUAllocator" in proc.stderr
+        ):
+            raise MemoryError(msg)
+        raise RuntimeError(f"child failed: {msg}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    out = {
-        "maxrss_extra_mib": (res["maxrss_after_kib"] - res["maxrss_inputs_kib"]) / 1024,
-        "rss_inputs_mib": (res["rss_inputs_kib"] or 0) / 1024,
-    }
+    row = {k: res[k] for k in res if k.endswith("_ms") or "_ms_p" in k}
+    row["loss"] = res["loss"]
+    row["timed_runs"] = res["timed_runs"]
+    row["maxrss_extra_mib"] = (res["maxrss_after_kib"] - res["maxrss_inputs_kib"]) / 1024
     if res["hwm_after_kib"] is None:  # no /proc: ru_maxrss is all there is
-        out.update(peak_extra_mib=out["maxrss_extra_mib"], mem_how="ru_maxrss delta")
+        row.update(peak_extra_mib=row["maxrss_extra_mib"], mem_how="ru_maxrss delta")
     elif res["hwm_reset"]:
-        out.update(
-            peak_extra_mib=(res["hwm_after_kib"] - res["rss_inputs_kib"]) / 1024,
-            mem_how="VmHWM (reset after inputs) - VmRSS after inputs",
-        )
+        row["peak_extra_mib"] = (res["hwm_after_kib"] - res["rss_inputs_kib"]) / 1024
+        row["mem_how"] = "VmHWM reset after inputs, minus VmRSS after inputs"
     else:
-        out.update(
+        row.update(
             peak_extra_mib=(res["hwm_after_kib"] - res["hwm_inputs_kib"]) / 1024, mem_how="VmHWM delta"
         )
-    return out
+    return row
 
 
 def _threads() -> int:
@@ -476,101 +476,95 @@ def _derive(row: dict, rate_tflops: float | None) -> None:
 
 
 def run_sweep(args, meta, emit) -> list[dict]:
-    import torch
-
+    """Every (D, b, method) case in order; a row per case, OOM and errors included."""
     device = args.device
-    dtype = getattr(torch, DTYPES[args.dtype])
     rate = meta["matmul_rate"]["tflops"] if meta.get("matmul_rate") else None
     rows: list[dict] = []
-    unavailable: dict[str, str] = {}
+    unavailable: dict[str, tuple[str, str]] = {}  # method -> (status, note)
     oom_bB: dict[str, int] = {}  # method -> smallest b*B that ran out of memory
     slow_bBD: dict[str, int] = {}  # method -> smallest b*B*D over --slow-seconds
     t_start = time.perf_counter()
-    inputs_key, inputs = None, None
+    inputs = {"key": None, "tensors": None}  # GPU inputs, shared by the methods at one size
+
+    def add(row, status, note=None):
+        row["status"] = status
+        if note:
+            row["note"] = note
+        _derive(row, rate)
+        rows.append(row)
+        emit(rows)
 
     for D, b, method in _cases(args):
         B = b
         row = {"method": method, "b": b, "B": B, "D": D, "dtype": args.dtype, "device": device}
         if method in ("ours", "ours-sigmoid"):
             row["backend"] = args.backend
-        skip = None
+        if method not in unavailable:
+            if method == "infcl" and device != "cuda":
+                unavailable[method] = ("skipped", "not run on CPU (Inf-CL's kernels are CUDA-only)")
+            else:
+                try:
+                    make_loss(method, args.backend, None)  # import check before any allocation
+                except ImportError as e:
+                    unavailable[method] = ("not installed", str(e))
         if method in unavailable:
-            skip = unavailable[method]
-        elif method in oom_bB and b * B >= oom_bB[method]:
-            skip = f"skipped: OOM at b*B={oom_bB[method]}"
-        elif method in slow_bBD and b * B * D >= slow_bBD[method]:
-            skip = f"skipped: over --slow-seconds at b*B*D={slow_bBD[method]}"
-        elif args.max_seconds and time.perf_counter() - t_start > args.max_seconds:
-            skip = f"skipped: --max-seconds {args.max_seconds:g} reached"
-        if skip is not None:
-            row["status"] = "not installed" if skip.startswith("not installed") else "skipped"
-            row["note"] = skip
-            rows.append(row)
-            emit(rows)
+            add(row, *unavailable[method])
+            continue
+        if method in oom_bB and b * B >= oom_bB[method]:
+            add(row, "skipped", f"OOM at b*B={oom_bB[method]}")
+            continue
+        if method in slow_bBD and b * B * D >= slow_bBD[method]:
+            add(row, "skipped", f"over --slow-seconds at b*B*D={slow_bBD[method]}")
+            continue
+        if args.max_seconds and time.perf_counter() - t_start > args.max_seconds:
+            add(row, "skipped", f"--max-seconds {args.max_seconds:g} reached")
             continue
 
-        try:
-            make_loss(method, args.backend, None)  # import check before any allocation
-        except ImportError as e:
-            unavailable[method] = f"not installed ({e})"
-            row.update(status="not installed", note=unavailable[method])
-            rows.append(row)
-            emit(rows)
-            continue
-        if method == "infcl" and device != "cuda":
-            unavailable[method] = "not supported on CPU (Inf-CL kernels use CUDA inline PTX)"
-            row.update(status="skipped", note=unavailable[method])
-            rows.append(row)
-            emit(rows)
-            continue
-
-        if inputs_key != (b, B, D):
-            inputs = None
-            _free(device)
-            inputs_key = (b, B, D)
-            try:
-                inputs = make_inputs(b, B, D, dtype, device, args.seed, args.scale, args.bias)
-            except Exception as e:  # noqa: BLE001 - inputs alone may not fit
-                if not _is_oom(e):
-                    raise
-                inputs_key = None
-                row.update(status="oom", note="inputs do not fit")
-                rows.append(row)
-                emit(rows)
-                continue
-        img, txt, scale, bias = inputs
-        fn, _ = make_loss(method, args.backend, bias)
-        leaves = [img, txt, scale] + ([bias] if method in SIGMOID_METHODS else [])
         print(f"  {method:15s} b=B={b:<7d} D={D:<5d} ...", end="", flush=True)
         t0 = time.perf_counter()
+        status, note = "ok", None
         try:
             if device == "cuda":
-                row.update(measure_gpu(fn, img, txt, scale, bias, leaves, args))
+                row.update(_gpu_case(method, b, B, D, args, inputs))
             else:
-                row.update(measure_cpu_time(fn, img, txt, scale, leaves, args.repeats))
-                if not args.no_memory:
-                    row.update(measure_cpu_memory(method, b, B, D, args))
-            row["status"] = "ok"
-            if "note" in row and row["note"].startswith("single run"):
+                row.update(measure_cpu(method, b, B, D, args))
+            if row.get("note", "").startswith("single run"):
                 slow_bBD[method] = min(slow_bBD.get(method, b * B * D), b * B * D)
         except _Stop:
             raise
         except Exception as e:  # noqa: BLE001 - one failing case must not end the sweep
             if _is_oom(e):
-                row.update(status="oom", note=f"{type(e).__name__}")
+                status, note = "oom", type(e).__name__
                 oom_bB[method] = min(oom_bB.get(method, b * B), b * B)
             else:
-                row.update(status="error", note=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                status, note = "error", f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
         finally:
-            fn = None
-            for x in leaves:
-                x.grad = None
             _free(device)
-        print(f" {row['status']} ({time.perf_counter() - t0:.1f}s)", flush=True)
-        _derive(row, rate)
-        rows.append(row)
-        emit(rows)
+        print(f" {status} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        add(row, status, note)
+    inputs["tensors"] = None
+    _free(device)
     return rows
+
+
+def _gpu_case(method, b, B, D, args, inputs) -> dict:
+    """Make (or reuse) the inputs for this size and measure one method; raises on OOM."""
+    import torch
+
+    if inputs["key"] != (b, B, D):
+        inputs["key"], inputs["tensors"] = None, None
+        _free("cuda")
+        dtype = getattr(torch, DTYPES[args.dtype])
+        inputs["tensors"] = make_inputs(b, B, D, dtype, "cuda", args.seed, args.scale, args.bias)
+        inputs["key"] = (b, B, D)
+    img, txt, scale, bias = inputs["tensors"]
+    fn, _ = make_loss(method, args.backend, bias)
+    leaves = [img, txt, scale] + ([bias] if method in SIGMOID_METHODS else [])
+    try:
+        return measure_gpu(fn, img, txt, scale, bias, leaves, args)
+    finally:
+        for x in (img, txt, scale, bias):
+            x.grad = None
 
 
 def _free(device):
@@ -585,7 +579,8 @@ def _free(device):
 
 
 def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
+    return "-".rjust(width) if v is None else format(v, spec)
 
 
 def format_table(rows) -> str:
@@ -606,7 +601,7 @@ def format_table(rows) -> str:
         lines.append(
             f"{r['method']:15s} {r['b']:7d} {r['B']:7d} {r['D']:5d} {r['dtype']:5s} "
             f"{_fmt(r.get('fwd_ms'), '9.2f')} {_fmt(r.get('bwd_ms'), '9.2f')} "
-            f"{_fmt(r.get('fwd_bwd_ms'), '9.2f')} {_fmt(r.get('fwd_bwd_tflops'), '8.1f')} "
+            f"{_fmt(r.get('fwd_bwd_ms'), '9.2f')} {_fmt(r.get('fwd_bwd_tflops'), '8.3g')} "
             f"{_fmt(r.get('fwd_bwd_x_floor'), '8.2f')} {mem_s:>10s}  {note}"
         )
     return "\n".join(lines)
@@ -644,7 +639,7 @@ def plot(rows, meta, path: Path) -> bool:
                 continue
             color = f"C{ALL_METHODS.index(m)}"
             t = [(r["b"], r["fwd_bwd_ms"]) for r in pts if r.get("fwd_bwd_ms")]
-            mm = [(r["b"], r["peak_extra_mib"]) for r in pts if r.get("peak_extra_mib") is not None]
+            mm = [(r["b"], r["peak_extra_mib"]) for r in pts if (r.get("peak_extra_mib") or 0) > 0]
             if t:
                 ax_t.plot(*zip(*t), ls, marker="o", color=color, label=f"{m} D={D}")
             if mm:
@@ -683,6 +678,7 @@ def collect_meta(args) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     try:
         import triton
@@ -694,12 +690,21 @@ def collect_meta(args) -> dict:
         meta["device_name"] = torch.cuda.get_device_name()
         meta["cuda"] = torch.version.cuda
     else:
-        meta["device_name"] = platform.processor() or platform.machine()
+        meta["device_name"] = _cpu_name()
         meta["cpu_threads"] = torch.get_num_threads()
     meta["git_sha"] = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain")
     meta["git_dirty"] = None if status is None else bool(status)
     return meta
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _git(*a):
@@ -720,17 +725,19 @@ def _ints(s: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Time and memory of contrastive losses (ours vs naive, open_clip local_loss, Inf-CL).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda when available"
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="auto (default): cuda when available, else cpu",
     )
     p.add_argument(
         "--methods",
         type=lambda s: tuple(x for x in s.replace(",", " ").split()),
         default=None,
         help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: ours,naive,openclip-local,infcl "
-        "on CUDA; ours,naive,openclip-local on CPU)",
+        "on CUDA; ours,naive on CPU)",
     )
     p.add_argument(
         "--sigmoid", action="store_true", help="also run ours-sigmoid and naive-sigmoid (SigLIP loss)"
@@ -774,26 +781,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="CUDA: a method whose single forward+backward takes longer is timed once, not with do_bench, "
         "and skipped at larger b*B*D (default 5; --quick: 1)",
     )
-    p.add_argument("--warmup-ms", type=float, default=25, help="do_bench warm-up time per measurement (CUDA)")
     p.add_argument(
-        "--rep-ms", type=float, default=100, help="do_bench repetition time per measurement (CUDA)"
+        "--warmup-ms", type=float, default=25, help="CUDA: do_bench warm-up ms per measurement (default 25)"
     )
     p.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help="CPU: timed repeats after one warm-up (default 3; --quick: 1)",
+        "--rep-ms", type=float, default=100, help="CUDA: do_bench repetition ms per measurement (default 100)"
     )
     p.add_argument(
-        "--no-memory", action="store_true", help="CPU: skip the per-method subprocess memory measurement"
+        "--repeats", type=int, default=None, help="CPU: most timed runs per case (default 3; --quick: 1)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's default)")
+    p.add_argument(
+        "--repeat-seconds",
+        type=float,
+        default=5.0,
+        help="CPU: no further timed runs of a case once its runs took this long in all (default 5)",
     )
     p.add_argument(
-        "--scale", type=float, default=1 / 0.07, help="logit scale s (the multiplier, exp of open_clip's t)"
+        "--scale",
+        type=float,
+        default=1 / 0.07,
+        help="logit scale s, the multiplier (exp of open_clip's t; default 1/0.07)",
     )
-    p.add_argument("--bias", type=float, default=-10.0, help="logit bias for the sigmoid methods")
-    p.add_argument("--seed", type=int, default=0, help="seed for the random features")
     p.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON results and PNG plot"
+        "--bias", type=float, default=-10.0, help="logit bias for the sigmoid methods (default -10)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for the random features (default 0)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="directory for the JSON results and PNG plot (default bench/results)",
     )
     p.add_argument("--tag", default=None, help="extra word in the output file names")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
@@ -809,7 +827,7 @@ def resolve_args(args):
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
     gpu = args.device == "cuda"
     if args.methods is None:
-        args.methods = ("ours", "naive", "openclip-local") + (("infcl",) if gpu else ())
+        args.methods = ("ours", "naive", "openclip-local", "infcl") if gpu else ("ours", "naive")
     if args.sigmoid:
         args.methods = tuple(args.methods) + tuple(m for m in SIGMOID_METHODS if m not in args.methods)
     bad = [m for m in args.methods if m not in ALL_METHODS]
@@ -835,6 +853,8 @@ def resolve_args(args):
         args.max_seconds = 150.0
     if args.slow_seconds is None:
         args.slow_seconds = 1.0 if args.quick else 5.0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     return args
@@ -892,6 +912,7 @@ def main(argv=None) -> int:
     ratios = memory_ratios(rows)
     meta["memory_ratios"] = ratios
     meta["interrupted"] = interrupted
+    meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     emit(rows)
     print()
     print(format_table(rows))

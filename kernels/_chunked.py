@@ -21,10 +21,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-# Chunk sizes for the CPU path: 2048 x 2048 fp32 blocks are 16 MiB each, and a block step holds
+# Chunk sizes for the CPU path: 1024 x 1024 fp32 blocks are 4 MiB each, and a block step holds
 # about five of them. Big enough that the GEMMs dominate, small enough that memory stays flat.
-ROW_CHUNK = 2048
-COL_CHUNK = 2048
+ROW_CHUNK = 1024
+COL_CHUNK = 1024
 
 
 class Stats(NamedTuple):

@@ -98,18 +98,21 @@ def _safe_q(lse: Tensor, lse_neg: Tensor) -> Tensor:
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), torch.exp(lse_neg - lse))
 
 
-def infonce_from_stats(rows: Tensor, cols: Tensor, pos: Tensor, weight: float):
+def infonce_from_stats(rows: Tensor, cols: Tensor, pos: Tensor, weight: float, count=None, col_coef=None):
     """Loss and the backward's per-row / per-column vectors from one sweep's statistics.
 
     rows (3, b) [lse, lse over negatives, positive logit]; cols (3, B) combined column
     statistics [max, sum, sum over negatives]; weight: the weight of each image's two terms
-    (1/(2b) for the single-device mean). Returns (loss, row_vecs (4, b), col_vecs (4, B)).
+    (1/(2b) for the single-device mean). count (B,) / col_coef (B,): how many images pair with
+    each text and the sum of their weights; computed from pos unless given (the distributed loss
+    sums them over ranks). Returns (loss, row_vecs (4, b), col_vecs (4, B)).
     """
     lse_r, lse_neg_r, x_pos = rows
     lse_c, lse_neg_c = _chunked.stats_to_lse(cols)
-    count = _column_counts(pos, cols.shape[1])
+    if count is None:
+        count = _column_counts(pos, cols.shape[1])
+        col_coef = count.to(rows.dtype) * weight
     unique = (count == 1).to(rows.dtype)
-    col_coef = count.to(rows.dtype) * weight
     row_weight = torch.full_like(lse_r, weight)
     # softplus(lse_neg - S_pos) == lse - S_pos, without the cancellation when P_pos -> 1.
     row_loss = F.softplus(lse_neg_r - x_pos)
@@ -266,7 +269,21 @@ def _is_int_tensor(t) -> bool:
     )
 
 
-def _prepare(image, text, logit_scale, logit_bias, positive_index, positive_offset, group_ids, backend):
+def _prepare(
+    image,
+    text,
+    logit_scale,
+    logit_bias,
+    positive_index,
+    positive_offset,
+    group_ids,
+    backend,
+    allow_more_images=False,
+):
+    """Validate and normalise the arguments; returns (image, text, scale, bias, pos, groups, backend).
+
+    allow_more_images (the distributed loss): b may exceed B, and pos is left to the caller.
+    """
     for name, t in (("image_feats", image), ("text_feats", text)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -307,6 +324,8 @@ def _prepare(image, text, logit_scale, logit_bias, positive_index, positive_offs
         if positive_index.device != device:
             raise ValueError(f"positive_index is on {positive_index.device} but the features are on {device}")
         pos = positive_index.long()
+    elif allow_more_images:
+        pos = None
     else:
         if not 0 <= positive_offset <= B - b:
             raise ValueError(

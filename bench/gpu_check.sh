@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# GPU check: install in place (no network), record the machine, run the tests, run the loss benchmark.
+#
+#   bash bench/gpu_check.sh OUT_DIR
+#
+# Meant for a GPU machine without network where torch and triton are preinstalled system-wide.
+# Every step runs under `timeout`; the whole script is budgeted to GPU_CHECK_BUDGET_S seconds
+# (default 450, i.e. under 8 minutes with a margin). Exit status: 0 only if the install, the
+# tests and the benchmark all succeeded; the benchmark runs even when the tests fail.
+#
+# Writes into OUT_DIR (a handful of files):
+#   gpu_check.log   step log, nvidia-smi, versions, install output, summary
+#   pytest.log      the test run
+#   bench.log       the benchmark's stdout/stderr
+#   loss_throughput-*.json / .png   the benchmark's rows and plot
+#
+# Optional: wheels placed in .whl/ at the repository root (for example inf_cl-*.whl, which has no
+# compiled parts) are installed with --no-index --no-deps into a temporary folder put on PYTHONPATH.
+#
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, PYTEST_ARGS (default "-q tests"),
+# BENCH_ARGS (extra arguments for bench/loss_throughput.py, default "--quick").
+
+set -u -o pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: bash bench/gpu_check.sh OUT_DIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
+START=$(date +%s)
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+
+FAILED=()
+elapsed() { echo $(($(date +%s) - START)); }
+log() { echo "[gpu_check +$(elapsed)s] $*" | tee -a "$LOG"; }
+# left SECONDS_CAP RESERVE: seconds a step may use, capped, leaving RESERVE for the later steps.
+left() {
+    local rem=$((BUDGET - $(elapsed) - $2))
+    [ "$rem" -gt "$1" ] && rem=$1
+    [ "$rem" -lt 10 ] && rem=10
+    echo "$rem"
+}
+
+log "repo $REPO, out $OUT, python $PY, budget ${BUDGET}s"
+
+# ---------------------------------------------------------------- 1. machine and versions
+{
+    echo "===== nvidia-smi"
+    timeout 30 nvidia-smi 2>&1 || echo "nvidia-smi failed or missing"
+    echo "===== versions"
+    timeout 60 "$PY" - <<'EOF' 2>&1
+import platform, sys
+print("python", sys.version.replace("\n", " "), sys.executable)
+print("platform", platform.platform())
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print("device", torch.cuda.get_device_name(0), "sm", f"{p.major}.{p.minor}",
+              "SMs", p.multi_processor_count, "memory GiB", round(p.total_memory / 2**30, 1))
+except Exception as e:
+    print("torch import failed:", e)
+for name in ("triton", "numpy", "pytest", "matplotlib", "inf_cl"):
+    try:
+        m = __import__(name)
+        print(name, getattr(m, "__version__", "present"))
+    except Exception as e:
+        print(name, "missing:", type(e).__name__)
+EOF
+    echo "===== git"
+    git rev-parse HEAD 2>/dev/null || echo "no git metadata"
+    git status --short 2>/dev/null | head -20
+} >>"$LOG" 2>&1
+log "machine recorded"
+
+# ---------------------------------------------------------------- 2. optional wheels
+if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+    SITE=$(mktemp -d /tmp/gpu_check_site.XXXXXX)
+    if timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$REPO"/.whl/*.whl \
+        >>"$LOG" 2>&1; then
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+        log "installed wheels from .whl/: $(cd "$REPO/.whl" && ls ./*.whl | tr '\n' ' ')"
+    else
+        log "WARNING: installing the wheels in .whl/ failed (see above); going on without them"
+    fi
+fi
+
+# ---------------------------------------------------------------- 3. install the project in place
+check_import() {
+    (cd /tmp && timeout 120 "$PY" -c "import llm2clip_kernels, llm2clip; print('llm2clip_kernels from', llm2clip_kernels.__file__)") \
+        >>"$LOG" 2>&1
+}
+log "pip install --no-index --no-build-isolation --no-deps -e ."
+if timeout "$(left 150 300)" "$PY" -m pip install --no-index --no-build-isolation --no-deps -e . >>"$LOG" 2>&1 \
+    && check_import; then
+    log "editable install OK"
+else
+    # Fallback: a folder on PYTHONPATH whose links give the import names (llm2clip_kernels -> kernels/).
+    log "editable install failed or does not import; falling back to PYTHONPATH links"
+    LINKS=$(mktemp -d /tmp/gpu_check_links.XXXXXX)
+    ln -s "$REPO/kernels" "$LINKS/llm2clip_kernels"
+    ln -s "$REPO/llm2clip" "$LINKS/llm2clip"
+    export PYTHONPATH="$LINKS${PYTHONPATH:+:$PYTHONPATH}"
+    if check_import; then
+        log "PYTHONPATH install OK ($LINKS)"
+    else
+        log "ERROR: llm2clip_kernels does not import (see $LOG)"
+        FAILED+=("install")
+    fi
+fi
+
+# ---------------------------------------------------------------- 4. tests
+PYTEST_ARGS=${PYTEST_ARGS:--q tests}
+if "$PY" -c "import pytest" >/dev/null 2>&1; then
+    T=$(left 240 150)
+    log "pytest $PYTEST_ARGS (timeout ${T}s)"
+    # shellcheck disable=SC2086
+    timeout -k 15 "$T" "$PY" -m pytest $PYTEST_ARGS -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) log "tests passed" ;;
+        124 | 137) log "ERROR: tests timed out after ${T}s"; FAILED+=("tests (timeout)") ;;
+        5) log "ERROR: pytest collected no tests"; FAILED+=("tests (none collected)") ;;
+        *) log "ERROR: tests failed (pytest exit $rc)"; FAILED+=("tests (exit $rc)") ;;
+    esac
+else
+    log "ERROR: pytest is not installed; tests not run"
+    FAILED+=("tests (no pytest)")
+fi
+
+# ---------------------------------------------------------------- 5. loss benchmark
+BENCH_ARGS=${BENCH_ARGS:---quick}
+T=$(left 300 5)
+MAXS=$((T > 90 ? T - 60 : T / 2))
+log "bench/loss_throughput.py $BENCH_ARGS --max-seconds $MAXS (timeout ${T}s)"
+# shellcheck disable=SC2086
+timeout -k 20 "$T" "$PY" bench/loss_throughput.py $BENCH_ARGS --max-seconds "$MAXS" --out "$OUT" 2>&1 \
+    | tee "$OUT/bench.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+    0) log "benchmark done" ;;
+    124 | 130 | 137) log "ERROR: benchmark stopped by its time limit (partial rows are in the JSON)"; FAILED+=("bench (timeout)") ;;
+    *) log "ERROR: benchmark failed (exit $rc)"; FAILED+=("bench (exit $rc)") ;;
+esac
+
+# ---------------------------------------------------------------- summary
+if [ ${#FAILED[@]} -eq 0 ]; then
+    log "ALL OK in $(elapsed)s"
+    exit 0
+fi
+log "FAILED: ${FAILED[*]} ($(elapsed)s)"
+exit 1
