@@ -135,8 +135,8 @@ def _sigmoid(t):
 def _forward_kernel(
     I, T, scale_ptr, bias_ptr, pos_ptr, row_grp_ptr, col_grp_ptr,
     row_out,  # (4, n_splits, b) fp32: max, sum, sum over negatives, positive logit | sigmoid: [_, loss sum]
-    col_out,  # (3, ROW_BLOCKS_PER_CHUNK, B) fp32: per row block [max, sum, sum_neg] of each column
-    b, B, D, row_start, split_len,
+    col_out,  # (3, row blocks per chunk, B) fp32: per row block [max, sum, sum_neg] of each column
+    b, B, D, row_start, split_len, col_plane,
     stride_i0, stride_i1, stride_t0, stride_t1,
     HAS_BIAS: tl.constexpr, HAS_GROUPS: tl.constexpr, SIGMOID: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -145,7 +145,6 @@ def _forward_kernel(
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     n_splits = tl.num_programs(1)
-    n_row_blocks = tl.num_programs(0)
     rows = row_start + pid_m * BM + tl.arange(0, BM)
     row_ok = rows < b
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
@@ -190,11 +189,11 @@ def _forward_kernel(
             c_max = tl.max(xm, axis=0)
             c_safe = tl.where(c_max == float("-inf"), 0.0, c_max)
             ec = tl.exp(xm - c_safe[None, :])
+            # The buffer's plane stride, not this launch's grid: the last row chunk may be shorter.
             col_ptr = col_out + pid_m * B + cols
-            plane = n_row_blocks * B
             tl.store(col_ptr, c_max, mask=col_ok)
-            tl.store(col_ptr + plane, tl.sum(ec, axis=0), mask=col_ok)
-            tl.store(col_ptr + 2 * plane, tl.sum(tl.where(is_pos, 0.0, ec), axis=0), mask=col_ok)
+            tl.store(col_ptr + col_plane, tl.sum(ec, axis=0), mask=col_ok)
+            tl.store(col_ptr + 2 * col_plane, tl.sum(tl.where(is_pos, 0.0, ec), axis=0), mask=col_ok)
 
     row_ptr = row_out + pid_c * b + rows
     plane = n_splits * b
@@ -391,7 +390,7 @@ def forward_stats(image, text, scale, bias, pos, row_groups, col_groups, sigmoid
         grid = (triton.cdiv(min(chunk_rows, b - r0), BM), n_splits)
         args = (
             image, text, scale, bias_arg, pos, row_grp, col_grp, row_part, col_part,
-            b, B, D, r0, split_len,
+            b, B, D, r0, split_len, n_rb * B,
             image.stride(0), image.stride(1), text.stride(0), text.stride(1),
         )  # fmt: skip
         flags = dict(HAS_BIAS=bias is not None, HAS_GROUPS=row_groups is not None, SIGMOID=sigmoid)
