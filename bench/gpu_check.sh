@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# GPU check: install in place (no network), record the machine, run the tests, run the loss benchmark.
+# GPU check: install in place (no network), record the machine, run the tests, run the loss benchmark
+# (a W=8 simulated distributed step, then the single-device --quick sweep).
 #
 #   bash bench/gpu_check.sh OUT_DIR
 #
 # Meant for a GPU machine without network where torch and triton are preinstalled system-wide.
 # Every step runs under `timeout`; the whole script is budgeted to GPU_CHECK_BUDGET_S seconds
-# (default 450, i.e. under 8 minutes with a margin). Exit status: 0 only if the install, the
-# tests and the benchmark all succeeded; the benchmark runs even when the tests fail.
+# (default 450, i.e. under 8 minutes with a margin): install <= 150 s, tests <= 210 s, simulated
+# W <= 90 s, and the quick sweep gets what is left (it stops starting cases in time). Exit status: 0
+# only if the install, the tests and both benchmark runs succeeded; the benchmarks run even when the
+# tests fail.
 #
 # Writes into OUT_DIR (a handful of files):
 #   gpu_check.log   step log, nvidia-smi, versions, install output, summary
 #   pytest.log      the test run
+#   sim.log         the simulated-W run's stdout/stderr (per-rank work of an 8-GPU step, no comms)
 #   bench.log       the benchmark's stdout/stderr
-#   loss_throughput-*.json / .png   the benchmark's rows and plot
+#   loss_throughput-*.json / .png   the benchmarks' rows and plots
 #
 # Optional: wheels placed in .whl/ at the repository root (for example inf_cl-*.whl, which has no
 # compiled parts) are installed with --no-index --no-deps into a temporary folder put on PYTHONPATH.
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, PYTEST_ARGS (default "-q tests"),
+# SIM_ARGS (default "--simulate-world 8 --batches 32768,131072 --dims 1024"; empty skips the step),
 # BENCH_ARGS (extra arguments for bench/loss_throughput.py, default "--quick").
 
 set -u -o pipefail
@@ -121,7 +126,7 @@ fi
 # ---------------------------------------------------------------- 4. tests
 PYTEST_ARGS=${PYTEST_ARGS:--q tests}
 if "$PY" -c "import pytest" >/dev/null 2>&1; then
-    T=$(left 240 150)
+    T=$(left 210 225)
     log "pytest $PYTEST_ARGS (timeout ${T}s)"
     # shellcheck disable=SC2086
     timeout -k 15 "$T" "$PY" -m pytest $PYTEST_ARGS -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
@@ -137,7 +142,24 @@ else
     FAILED+=("tests (no pytest)")
 fi
 
-# ---------------------------------------------------------------- 5. loss benchmark
+# ---------------------------------------------------------------- 5. simulated W ranks
+SIM_ARGS=${SIM_ARGS---simulate-world 8 --batches 32768,131072 --dims 1024}
+if [ -n "$SIM_ARGS" ]; then
+    T=$(left 90 135)
+    MAXS=$((T > 50 ? T - 30 : T / 2))
+    log "bench/loss_throughput.py $SIM_ARGS --max-seconds $MAXS (timeout ${T}s)"
+    # shellcheck disable=SC2086
+    timeout -k 15 "$T" "$PY" bench/loss_throughput.py $SIM_ARGS --max-seconds "$MAXS" --out "$OUT" 2>&1 \
+        | tee "$OUT/sim.log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) log "simulated-W benchmark done" ;;
+        124 | 130 | 137) log "ERROR: simulated-W benchmark stopped by its time limit (partial rows are in the JSON)"; FAILED+=("sim (timeout)") ;;
+        *) log "ERROR: simulated-W benchmark failed (exit $rc)"; FAILED+=("sim (exit $rc)") ;;
+    esac
+fi
+
+# ---------------------------------------------------------------- 6. loss benchmark
 BENCH_ARGS=${BENCH_ARGS:---quick}
 T=$(left 300 5)
 MAXS=$((T > 90 ? T - 60 : T / 2))

@@ -35,7 +35,21 @@ recorded in the JSON.
     python bench/loss_throughput.py --quick         # a few minutes on the GPU
     python bench/loss_throughput.py --device cpu    # CPU, includes the b = B = 16384, D = 256 case
 
-Writes a table to stdout, and loss_throughput-<device>-<time>.json / .png into --out.
+Distributed mode (bench/loss_distributed.py), one process per rank under torchrun: per-rank step time
+of distributed_infonce_loss (distributed_sigmoid_loss with --sigmoid), its communication alone, its
+compute alone, the fraction of the communication hidden, and peak memory; --batches are per rank.
+
+    torchrun --nproc_per_node=8 bench/loss_throughput.py --distributed --batches 4096,16384
+    torchrun --nproc_per_node=2 bench/loss_throughput.py --device cpu --batches 256,1024 --dims 64
+
+Simulated mode, one process: for each global B and each W, the per-rank work of a W-rank step
+(b = B/W images against all B texts through the single-device kernels), with TFLOP/s, x floor and
+peak memory beside B*D*itemsize. It leaves out the communication and the per-chunk launch structure.
+
+    python bench/loss_throughput.py --simulate-world 1,8 --batches 32768,131072 --dims 1024
+
+Writes a table to stdout, and loss_throughput-<device>-<card>[-dist<W>|-simW<W..>]-<time>.json / .png
+into --out (rank 0 only in distributed mode).
 """
 
 from __future__ import annotations
@@ -456,17 +470,20 @@ def _threads() -> int:
 
 
 def _cases(args):
-    """(D, b, method) in the order that lets a failure at one size skip the larger ones."""
+    """(D, b, B, method, extra row fields) in the order that lets a failure at one size skip the
+    larger ones. b = B here; --simulate-world has its own cases (loss_distributed.sim_cases)."""
     for D in args.dims:
         for b in args.batches:
             for m in args.methods:
                 if m in BASELINES and D not in args.baseline_dims:
                     continue
-                yield D, b, m
+                yield D, b, b, m, {}
 
 
 def _derive(row: dict, rate_tflops: float | None) -> None:
     b, B, D = row["b"], row["B"], row["D"]
+    if b is None:  # a skipped simulated case (B not a multiple of W)
+        return
     for part, flops in (("fwd", 2 * b * B * D), ("bwd", 6 * b * B * D), ("fwd_bwd", 8 * b * B * D)):
         ms = row.get(f"{part}_ms")
         if ms:
@@ -475,13 +492,14 @@ def _derive(row: dict, rate_tflops: float | None) -> None:
                 row[f"{part}_x_floor"] = ms / (flops / (rate_tflops * 1e12) * 1e3)
 
 
-def run_sweep(args, meta, emit) -> list[dict]:
-    """Every (D, b, method) case in order; a row per case, OOM and errors included."""
+def run_sweep(args, meta, emit, cases=None) -> list[dict]:
+    """Every (D, b, B, method) case in order (default :func:`_cases`); a row per case, OOM and
+    errors included. An `extra` dict of a case goes into its row; its "skip" key skips the case."""
     device = args.device
     rate = meta["matmul_rate"]["tflops"] if meta.get("matmul_rate") else None
     rows: list[dict] = []
     unavailable: dict[str, tuple[str, str]] = {}  # method -> (status, note)
-    oom_bB: dict[str, int] = {}  # method -> smallest b*B that ran out of memory
+    oom_bB: dict[str, tuple[int, int]] = {}  # method -> (b, B) of the smallest case out of memory
     slow_bBD: dict[str, int] = {}  # method -> smallest b*B*D over --slow-seconds
     t_start = time.perf_counter()
     inputs = {"key": None, "tensors": None}  # GPU inputs, shared by the methods at one size
@@ -494,11 +512,15 @@ def run_sweep(args, meta, emit) -> list[dict]:
         rows.append(row)
         emit(rows)
 
-    for D, b, method in _cases(args):
-        B = b
-        row = {"method": method, "b": b, "B": B, "D": D, "dtype": args.dtype, "device": device}
+    for D, b, B, method, extra in _cases(args) if cases is None else cases:
+        extra = dict(extra)
+        skip = extra.pop("skip", None)
+        row = {"method": method, **extra, "b": b, "B": B, "D": D, "dtype": args.dtype, "device": device}
         if method in ("ours", "ours-sigmoid"):
             row["backend"] = args.backend
+        if skip:
+            add(row, "skipped", skip)
+            continue
         if method not in unavailable:
             if method == "infcl" and device != "cuda":
                 unavailable[method] = ("skipped", "not run on CPU (Inf-CL's kernels are CUDA-only)")
@@ -510,8 +532,8 @@ def run_sweep(args, meta, emit) -> list[dict]:
         if method in unavailable:
             add(row, *unavailable[method])
             continue
-        if method in oom_bB and b * B >= oom_bB[method]:
-            add(row, "skipped", f"OOM at b*B={oom_bB[method]}")
+        if method in oom_bB and b >= oom_bB[method][0] and B >= oom_bB[method][1]:
+            add(row, "skipped", "OOM at b={}, B={}".format(*oom_bB[method]))
             continue
         if method in slow_bBD and b * B * D >= slow_bBD[method]:
             add(row, "skipped", f"over --slow-seconds at b*B*D={slow_bBD[method]}")
@@ -520,7 +542,8 @@ def run_sweep(args, meta, emit) -> list[dict]:
             add(row, "skipped", f"--max-seconds {args.max_seconds:g} reached")
             continue
 
-        print(f"  {method:15s} b=B={b:<7d} D={D:<5d} ...", end="", flush=True)
+        size = f"b=B={b:<7d}" if b == B else f"W={extra.get('world')} b={b} B={B}"
+        print(f"  {method:15s} {size} D={D:<5d} ...", end="", flush=True)
         t0 = time.perf_counter()
         status, note = "ok", None
         try:
@@ -535,7 +558,8 @@ def run_sweep(args, meta, emit) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - one failing case must not end the sweep
             if _is_oom(e):
                 status, note = "oom", type(e).__name__
-                oom_bB[method] = min(oom_bB.get(method, b * B), b * B)
+                old = oom_bB.get(method)
+                oom_bB[method] = (b, B) if old is None else (min(old[0], b), min(old[1], B))
             else:
                 status, note = "error", f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
         finally:
@@ -743,7 +767,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--sigmoid", action="store_true", help="also run ours-sigmoid and naive-sigmoid (SigLIP loss)"
     )
     p.add_argument(
-        "--batches", type=_ints, default=None, help="b = B values, comma-separated (default by device)"
+        "--distributed",
+        action="store_true",
+        help="distributed mode, one process per rank under torchrun (implied when WORLD_SIZE is set): "
+        "per-rank step, communication alone, compute alone, hidden fraction and peak memory of "
+        "distributed_infonce_loss (and distributed_sigmoid_loss with --sigmoid); --batches are per rank",
+    )
+    p.add_argument(
+        "--simulate-world",
+        type=_ints,
+        default=None,
+        metavar="W[,W...]",
+        help="one process doing the per-rank work of a W-rank step: b = B/W images against all B "
+        "texts through the single-device kernels, for each global B in --batches and each W. Leaves "
+        "out the communication and the per-chunk launch structure of the distributed loss",
+    )
+    p.add_argument(
+        "--batches",
+        type=_ints,
+        default=None,
+        help="b = B values, comma-separated (default by device); per-rank b with --distributed, "
+        "global B with --simulate-world",
     )
     p.add_argument(
         "--dims", type=_ints, default=None, help="feature dims D, comma-separated (default by device)"
@@ -785,10 +829,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup-ms", type=float, default=25, help="CUDA: do_bench warm-up ms per measurement (default 25)"
     )
     p.add_argument(
-        "--rep-ms", type=float, default=100, help="CUDA: do_bench repetition ms per measurement (default 100)"
+        "--rep-ms",
+        type=float,
+        default=100,
+        help="CUDA: do_bench repetition ms per measurement (default 100); --distributed: about this "
+        "many ms of steps are timed (10 to 100 repetitions)",
     )
     p.add_argument(
-        "--repeats", type=int, default=None, help="CPU: most timed runs per case (default 3; --quick: 1)"
+        "--repeats",
+        type=int,
+        default=None,
+        help="CPU: most timed runs per case (default 3; --quick: 1; --distributed: 10)",
     )
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's default)")
     p.add_argument(
@@ -826,6 +877,14 @@ def resolve_args(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
     gpu = args.device == "cuda"
+    if args.simulate_world:
+        if args.distributed or "WORLD_SIZE" in os.environ:
+            raise SystemExit("--simulate-world runs in one process: not with --distributed or under torchrun")
+        if min(args.simulate_world) < 1:
+            raise SystemExit(f"--simulate-world needs W >= 1, got {args.simulate_world}")
+    args.distributed = bool(args.distributed or "WORLD_SIZE" in os.environ)
+    if args.distributed or args.simulate_world:
+        return _resolve_mode_args(args, gpu)
     if args.methods is None:
         args.methods = ("ours", "naive", "openclip-local", "infcl") if gpu else ("ours", "naive")
     if args.sigmoid:
@@ -860,29 +919,93 @@ def resolve_args(args):
     return args
 
 
+def _resolve_mode_args(args, gpu: bool):
+    """Defaults of the distributed and simulated modes (they run ours / ours-sigmoid only)."""
+    import torch
+
+    ld = _loss_distributed()
+    if args.methods is not None:
+        raise SystemExit("--methods does not apply to --distributed / --simulate-world (use --sigmoid)")
+    if args.distributed:
+        args.methods = ()
+        default_b = (ld.DIST_GPU_QUICK_BATCHES if args.quick else ld.DIST_GPU_BATCHES) if gpu else None
+        args.batches = args.batches or default_b or ld.DIST_CPU_BATCHES
+        args.dims = args.dims or (ld.DIST_GPU_DIMS if gpu else ld.DIST_CPU_DIMS)
+    else:
+        args.methods = ("ours", "ours-sigmoid") if args.sigmoid else ("ours",)
+        args.batches = args.batches or (ld.SIM_GPU_BATCHES if gpu else ld.SIM_CPU_BATCHES)
+        args.dims = args.dims or ((1024,) if gpu else CPU_DIMS)
+        args.simulate_world = tuple(sorted(set(args.simulate_world)))
+    args.baseline_dims = ()
+    args.batches = tuple(sorted(args.batches))
+    args.dims = tuple(sorted(args.dims))
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.backend = args.backend or ("auto" if gpu else "torch")
+    if args.slow_seconds is None:
+        args.slow_seconds = 1.0 if args.quick else 5.0
+    if args.threads and not args.distributed:
+        torch.set_num_threads(args.threads)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else (10 if args.distributed else 3)
+    return args
+
+
+def _loss_distributed():
+    """bench/loss_distributed.py, sharing this module (not a second copy of it when run as a script)."""
+    if __package__:
+        return importlib.import_module(".loss_distributed", __package__)
+    sys.modules.setdefault("loss_throughput", sys.modules[__name__])
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("loss_distributed")
+
+
+def output_paths(args, meta, mode: str | None = None) -> tuple[Path, Path]:
+    """(JSON, PNG) paths in --out: loss_throughput-<device>-<card>[-<mode>][-<tag>]-<time>."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dev_tag = "".join(c if c.isalnum() else "-" for c in meta["device_name"]).strip("-")[:40] or args.device
+    stem = f"loss_throughput-{args.device}-{dev_tag}" + "".join(f"-{x}" for x in (mode, args.tag) if x)
+    stem += f"-{stamp}"
+    return args.out / f"{stem}.json", args.out / f"{stem}.png"
+
+
 def main(argv=None) -> int:
     args = resolve_args(build_parser().parse_args(argv))
+    if args.distributed:
+        return _loss_distributed().run_distributed(args, argv)
+    sim = bool(args.simulate_world)
+    ld = _loss_distributed() if sim else None
     meta = collect_meta(args)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     meta["config"] = config
     meta["argv"] = sys.argv if argv is None else list(argv)
     meta["flop_count"] = "8*b*B*D forward+backward (2bBD fwd, 6bBD bwd) for every method"
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    dev_tag = "".join(c if c.isalnum() else "-" for c in meta["device_name"]).strip("-")[:40] or args.device
-    stem = f"loss_throughput-{args.device}-{dev_tag}" + (f"-{args.tag}" if args.tag else "") + f"-{stamp}"
-    json_path = args.out / f"{stem}.json"
-    png_path = args.out / f"{stem}.png"
+    mode = None
+    if sim:
+        mode = "simW" + "-".join(map(str, args.simulate_world))
+        meta["mode"] = "simulated"
+        meta["simulation"] = (
+            "per-rank work of a W-rank step (b = B/W images against all B texts, single-device "
+            "kernels); no communication, no per-chunk launch structure"
+        )
+    json_path, png_path = output_paths(args, meta, mode)
 
     print(
         f"device {meta['device_name']} ({args.device}), torch {meta['torch']}, triton {meta['triton']}, "
         f"git {meta['git_sha'] or 'n/a'}"
     )
-    print(
-        f"methods {','.join(args.methods)}; b=B in {args.batches}; D in {args.dims} "
-        f"(baselines D in {args.baseline_dims}); {args.dtype}"
-    )
+    if sim:
+        print(
+            f"simulated W in {args.simulate_world}: {','.join(args.methods)}, b = B/W against B texts; "
+            f"B in {args.batches}; D in {args.dims}; {args.dtype} (no communication, no per-chunk launches)"
+        )
+    else:
+        print(
+            f"methods {','.join(args.methods)}; b=B in {args.batches}; D in {args.dims} "
+            f"(baselines D in {args.baseline_dims}); {args.dtype}"
+        )
     meta["matmul_rate"] = gpu_matmul_rate() if args.device == "cuda" else cpu_matmul_rate(args.dtype)
     print(
         f"matmul rate: {meta['matmul_rate']['what']} = {meta['matmul_rate']['tflops']:.2f} TFLOP/s "
@@ -901,7 +1024,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     interrupted = False
     try:
-        rows = run_sweep(args, meta, emit)
+        rows = run_sweep(args, meta, emit, cases=list(ld.sim_cases(args)) if sim else None)
     except (_Stop, KeyboardInterrupt):
         interrupted = True
         print("\ninterrupted: writing what was measured")
@@ -909,13 +1032,21 @@ def main(argv=None) -> int:
     finally:
         signal.signal(signal.SIGTERM, old)
 
-    ratios = memory_ratios(rows)
+    if sim:
+        ld.sim_notes(rows, args.device)
+    ratios = [] if sim else memory_ratios(rows)
     meta["memory_ratios"] = ratios
     meta["interrupted"] = interrupted
     meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     emit(rows)
     print()
-    print(format_table(rows))
+    print(ld.format_sim_table(rows) if sim else format_table(rows))
+    if sim:
+        print(
+            "\nrest = peak - B*D*itemsize: at fixed b it should not grow with W (the per-rank memory "
+            "claim);\nthe simulation leaves out communication and the per-chunk launches of the "
+            "distributed loss."
+        )
     if ratios:
         print("\npeak extra memory, ours / naive:")
         for r in ratios:
@@ -928,10 +1059,12 @@ def main(argv=None) -> int:
                 f"= {r['ratio']:.2%}{tag}"
             )
     print(f"\nresults: {json_path}")
-    if not args.no_plot and rows and plot(rows, meta, png_path):
+    plotter = ld.plot_sim if sim else plot
+    if not args.no_plot and rows and plotter(rows, meta, png_path):
         print(f"plot:    {png_path}")
     return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("loss_throughput", sys.modules[__name__])  # for bench/loss_distributed.py
     sys.exit(main())

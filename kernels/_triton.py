@@ -459,9 +459,11 @@ def backward_grads(
     ws = torch.empty(rows_per, cols_per, dtype=ws_dtype, device=dev)
     dI = torch.empty(image.shape, dtype=grad_dtype or image.dtype, device=dev)
     dT = torch.empty(text.shape, dtype=grad_dtype or text.dtype, device=dev)
-    # fp32 accumulators only where a dimension spans several superblocks.
-    dI_acc = torch.empty(rows_per, D, dtype=torch.float32, device=dev) if n_c > 1 else None
-    dT_acc = torch.empty(B, D, dtype=torch.float32, device=dev) if n_r > 1 else None
+    # fp32 accumulators only where a dimension spans several superblocks, and only when the
+    # gradient itself is not fp32 (then it accumulates in place).
+    in_place_i, in_place_t = dI.dtype == torch.float32, dT.dtype == torch.float32
+    dI_acc = torch.empty(rows_per, D, dtype=torch.float32, device=dev) if n_c > 1 and not in_place_i else None
+    dT_acc = torch.empty(B, D, dtype=torch.float32, device=dev) if n_r > 1 and not in_place_t else None
     min_bm, min_bn = (_INTERP_FWD["BM"], _INTERP_FWD["BN"]) if interp else _GRAD_MIN_TILE
     tiles = triton.cdiv(rows_per, min_bm) * triton.cdiv(cols_per, min_bn)
     partials = torch.zeros(n_r, n_c, tiles, 2, dtype=torch.float64, device=dev)
@@ -490,9 +492,9 @@ def backward_grads(
                 grid = lambda m, r=r1 - r0, c=c1 - c0: (triton.cdiv(r, m["BM"]), triton.cdiv(c, m["BN"]))
                 _tuned("grad")[grid](*args, **flags)
             w = ws[: r1 - r0, : c1 - c0]
-            acc_i = dI_acc[: r1 - r0] if dI_acc is not None else None
+            acc_i = dI[r0:r1] if in_place_i else (dI_acc[: r1 - r0] if dI_acc is not None else None)
             _gemm(w, text[c0:c1], dI[r0:r1], acc_i, load_acc=ci > 0, store_out=ci == n_c - 1)
-            acc_t = dT_acc[c0:c1] if dT_acc is not None else None
+            acc_t = dT[c0:c1] if in_place_t else (dT_acc[c0:c1] if dT_acc is not None else None)
             _gemm(w.T, image[r0:r1], dT[c0:c1], acc_t, load_acc=ri > 0, store_out=ri == n_r - 1)
     sums = partials.reshape(-1, 2).sum(0)
     return dI, dT, sums[0], sums[1]

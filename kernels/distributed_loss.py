@@ -171,12 +171,14 @@ class _DistributedContrastive(torch.autograd.Function):
         col_stats = torch.zeros(3, B, dtype=cdt, device=image.device)
         col_stats[0] = float("-inf")
         for src in [rank] + [r for r in range(world) if r != rank]:
-            handles[src].wait()
+            # The local chunk reads this rank's own tensor: it never waits for a broadcast (on
+            # NCCL the broadcasts run in rank order, so waiting would serialise rank W-1 behind all).
+            chunk = text if src == rank else text_all[offsets[src] : offsets[src] + sizes[src]]
+            if src != rank:
+                handles[src].wait()
             lo, hi = offsets[src], offsets[src] + sizes[src]
             col_groups = None if groups_all is None else groups_all[lo:hi]
-            stats = impl.forward_stats(
-                image, text_all[lo:hi], scale, bias, pos - lo, row_groups, col_groups, sigmoid
-            )
+            stats = impl.forward_stats(image, chunk, scale, bias, pos - lo, row_groups, col_groups, sigmoid)
             if rows is None:
                 rows = stats.rows.clone()
             elif sigmoid:
@@ -187,6 +189,7 @@ class _DistributedContrastive(torch.autograd.Function):
                 rows[2] += stats.rows[2]
             if not sigmoid:
                 col_stats[:, lo:hi] = stats.cols.to(cdt)
+        handles[rank].wait()  # this rank's own broadcast, before text_all is saved
 
         n_images = sum(images)
         if mean_over == "local":
@@ -244,7 +247,7 @@ class _DistributedContrastive(torch.autograd.Function):
             pending.append(dist.reduce(dt, dist.get_global_rank(group, src), group=group, async_op=True))
             if src == rank:
                 d_text = dt
-            if len(pending) > 2:  # at most two chunks' gradients in flight
+            if len(pending) >= 2:  # at most two chunks' gradients in flight
                 pending.pop(0).wait()
         for work in pending:
             work.wait()
@@ -256,7 +259,17 @@ class _DistributedContrastive(torch.autograd.Function):
 
 
 def _distributed(
-    sigmoid, image, text, logit_scale, logit_bias, positive_index, group_ids, mean_over, backend, group
+    sigmoid,
+    image,
+    text,
+    logit_scale,
+    logit_bias,
+    positive_index,
+    group_ids,
+    mean_over,
+    backend,
+    group,
+    batch_sizes,
 ):
     if mean_over not in MEAN_OVER:
         raise ValueError(f"mean_over must be one of {MEAN_OVER}, got {mean_over!r}")
@@ -287,8 +300,24 @@ def _distributed(
     except (ValueError, TypeError, RuntimeError) as e:
         error = e
     local = _local_meta(image, text, scale, bias, positive_index, group_ids, sigmoid, error)
-    meta = _exchange_meta(local, group)
-    _check_meta(meta, rank, error, group)
+    if batch_sizes is None:
+        meta = _exchange_meta(local, group)
+        _check_meta(meta, rank, error, group)
+    else:
+        # The caller vouches for every rank's sizes: no exchange, no host sync, no cross-rank check.
+        if error is not None:
+            raise error
+        if (
+            len(batch_sizes) != world
+            or batch_sizes[rank] != image.shape[0]
+            or text.shape[0] != image.shape[0]
+        ):
+            raise ValueError(
+                f"batch_sizes={list(batch_sizes)} must list the {world} ranks' pair counts; rank {rank} has "
+                f"{image.shape[0]} images and {text.shape[0]} texts"
+            )
+        meta = torch.zeros(world, len(_META), dtype=torch.int64)
+        meta[:, 1] = meta[:, 2] = torch.tensor(list(batch_sizes))
     return _DistributedContrastive.apply(
         image, text, scale, bias, positive_index, group_ids, sigmoid, mean_over, backend, group, meta
     )
@@ -305,6 +334,7 @@ def distributed_infonce_loss(
     group_ids: Tensor | None = None,
     mean_over: str = "local",
     backend: str = "auto",
+    batch_sizes: list[int] | None = None,
 ) -> Tensor:
     """Symmetric InfoNCE over the texts of every rank in ``group`` (default: the world).
 
@@ -316,6 +346,9 @@ def distributed_infonce_loss(
             order); default: image i pairs with this rank's text i.
         group_ids: optional (t_r,) group ids of this rank's texts (duplicates across ranks too).
         mean_over: 'local' (open_clip's convention) or 'global'; see the module docstring.
+        batch_sizes: optional list of every rank's pair count (b_r = t_r). Given, the ranks skip
+            the per-step metadata exchange (its small all-gather is the loss's only host sync)
+            and with it the cross-rank checks: a mismatch is then the caller's to avoid.
     Returns:
         () this rank's loss. Without an initialised process group (or with one rank) this is
         :func:`infonce_loss`. Uses any torch.distributed backend (NCCL, gloo).
@@ -331,6 +364,7 @@ def distributed_infonce_loss(
         mean_over,
         backend,
         group,
+        batch_sizes,
     )
 
 
@@ -345,6 +379,7 @@ def distributed_sigmoid_loss(
     group_ids: Tensor | None = None,
     mean_over: str = "local",
     backend: str = "auto",
+    batch_sizes: list[int] | None = None,
 ) -> Tensor:
     """SigLIP's sigmoid loss of this rank's images against every rank's texts (open_clip's
     SigLipLoss convention with mean_over='local'). Arguments as :func:`distributed_infonce_loss`."""
@@ -359,6 +394,7 @@ def distributed_sigmoid_loss(
         mean_over,
         backend,
         group,
+        batch_sizes,
     )
 
 

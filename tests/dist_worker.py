@@ -55,6 +55,8 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     kw = dict(mean_over=case.get("mean_over", "local"), backend=case.get("backend", "torch"))
     if groups_all is not None:
         kw["group_ids"] = shard(groups_all, sizes, rank)
+    if case.get("pass_sizes"):
+        kw["batch_sizes"] = sizes  # no metadata exchange
     if case.get("shuffle_positives"):
         # Global positives: rank r's images pair with rank r's texts in reverse order.
         lo = sum(sizes[:rank])

@@ -254,3 +254,26 @@ def test_never_allocates_the_logits(name, backend, device, small_chunks):
         loss.backward()
     print(f"largest tensor {mode.largest} elements; b*B = {b * B}")
     assert mode.largest <= b * B // 8
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_fp32_gradients_accumulate_in_place(small_chunks):
+    """grad_dtype=float32 (the distributed loss's per-chunk calls): the Triton backward accumulates
+    across superblocks in the gradient itself; it must match the chunked path."""
+    from conftest import TRITON_DEVICE
+
+    from llm2clip_kernels import _triton
+
+    image, text, s, beta = make_inputs(97, 150, 30, torch.float32, TRITON_DEVICE, scale=30.0, bias=-5.0)
+    pos = torch.arange(97, device=TRITON_DEVICE) + 53
+    for sigmoid in (False, True):
+        _, rows, cols = torch.ops.llm2clip_kernels.contrastive_forward(
+            image, text, s, beta, pos, None, sigmoid, "torch"
+        )
+        g = torch.tensor(0.7, device=TRITON_DEVICE)
+        args = (g, image, text, s, beta, pos, None, None, rows, cols, sigmoid)
+        ours = _triton.backward_grads(*args, grad_dtype=torch.float32)
+        ref = _chunked.backward_grads(*args, grad_dtype=torch.float32)
+        assert ours[0].dtype == ours[1].dtype == torch.float32
+        for a, c in zip(ours, ref):
+            torch.testing.assert_close(a.double(), c.double(), rtol=1e-5, atol=1e-6)

@@ -199,6 +199,7 @@ def cases_for(world: int) -> list[dict]:
         dict(base, loss="sigmoid", dtype="bfloat16", sizes=uneven, bias=-6.0, mean_over="global"),
         dict(base, loss="infonce", dtype="float32", sizes=uneven, duplicates=True, shuffle_positives=True),
         dict(base, loss="sigmoid", dtype="float32", sizes=uneven, bias=-3.0, duplicates=True),
+        dict(base, loss="infonce", dtype="float32", sizes=uneven, pass_sizes=True),
     ]
 
 
