@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# GPU check: install in place (no network), record the machine, run the tests, run the loss benchmark
-# (a W=8 simulated distributed step, then the single-device --quick sweep).
+# GPU check: install in place (no network; the C++/CUDA gather extension is built for sm_90 when
+# nvcc is there), record the machine, run the tests, then the benchmarks: a W=8 simulated
+# distributed loss step, the cache gather tiers, and the single-device loss --quick sweep.
 #
 #   bash bench/gpu_check.sh OUT_DIR
 #
+# Under the device tool, which brings back at most 8 files, write elsewhere and pack:
+#   bash bench/gpu_check.sh /tmp/gc; tar czf "$OUT/gpu_check.tgz" -C /tmp/gc .
+#
 # Meant for a GPU machine without network where torch and triton are preinstalled system-wide.
 # Every step runs under `timeout`; the whole script is budgeted to GPU_CHECK_BUDGET_S seconds
-# (default 450, i.e. under 8 minutes with a margin): install <= 150 s, tests <= 210 s, simulated
-# W <= 90 s, and the quick sweep gets what is left (it stops starting cases in time). Exit status: 0
-# only if the install, the tests and both benchmark runs succeeded; the benchmarks run even when the
-# tests fail.
+# (default 450, i.e. under 8 minutes with a margin): install <= 150 s, tests <= 200 s, simulated
+# W <= 70 s, cache gather <= 60 s, and the quick loss sweep gets what is left (it stops starting
+# cases in time). Exit status: 0 only if the install, the tests and every benchmark run succeeded;
+# the benchmarks run even when the tests fail.
 #
-# Writes into OUT_DIR (a handful of files):
+# Writes into OUT_DIR:
 #   gpu_check.log   step log, nvidia-smi, versions, install output, summary
 #   pytest.log      the test run
 #   sim.log         the simulated-W run's stdout/stderr (per-rank work of an 8-GPU step, no comms)
-#   bench.log       the benchmark's stdout/stderr
-#   loss_throughput-*.json / .png   the benchmarks' rows and plots
+#   cache_gather.log, bench.log   the other benchmarks' stdout/stderr
+#   loss_throughput-*.json / .png, cache_gather-*.json / .png   the benchmarks' rows and plots
 #
 # Optional: wheels placed in .whl/ at the repository root (for example inf_cl-*.whl, which has no
 # compiled parts) are installed with --no-index --no-deps into a temporary folder put on PYTHONPATH.
@@ -104,7 +108,12 @@ check_import() {
     (cd /tmp && timeout 120 "$PY" -c "import llm2clip_kernels, llm2clip; print('llm2clip_kernels from', llm2clip_kernels.__file__)") \
         >>"$LOG" 2>&1
 }
-log "pip install --no-index --no-build-isolation --no-deps -e ."
+# The C++/CUDA gather extension (csrc/) builds with the project; with nvcc present its CUDA kernels
+# are compiled for sm_90 (no nvcc: a CPU-only extension and the CUDA gather tests skip).
+if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDA_HOME:-}" ]; then
+    export LLM2CLIP_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+fi
+log "pip install --no-index --no-build-isolation --no-deps -e . (LLM2CLIP_FORCE_CUDA=${LLM2CLIP_FORCE_CUDA:-unset})"
 if timeout "$(left 150 300)" "$PY" -m pip install --no-index --no-build-isolation --no-deps -e . >>"$LOG" 2>&1 \
     && check_import; then
     log "editable install OK"
@@ -126,7 +135,7 @@ fi
 # ---------------------------------------------------------------- 4. tests
 PYTEST_ARGS=${PYTEST_ARGS:--q tests}
 if "$PY" -c "import pytest" >/dev/null 2>&1; then
-    T=$(left 210 225)
+    T=$(left 200 250)
     log "pytest $PYTEST_ARGS (timeout ${T}s)"
     # shellcheck disable=SC2086
     timeout -k 15 "$T" "$PY" -m pytest $PYTEST_ARGS -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
@@ -145,7 +154,7 @@ fi
 # ---------------------------------------------------------------- 5. simulated W ranks
 SIM_ARGS=${SIM_ARGS---simulate-world 8 --batches 32768,131072 --dims 1024}
 if [ -n "$SIM_ARGS" ]; then
-    T=$(left 90 135)
+    T=$(left 70 170)
     MAXS=$((T > 50 ? T - 30 : T / 2))
     log "bench/loss_throughput.py $SIM_ARGS --max-seconds $MAXS (timeout ${T}s)"
     # shellcheck disable=SC2086
@@ -159,7 +168,17 @@ if [ -n "$SIM_ARGS" ]; then
     esac
 fi
 
-# ---------------------------------------------------------------- 6. loss benchmark
+# ---------------------------------------------------------------- 6. cache gather benchmark
+T=$(left 60 110)
+log "bench/cache_gather.py --quick (timeout ${T}s)"
+timeout -k 10 "$T" "$PY" bench/cache_gather.py --quick --out "$OUT" 2>&1 | tee "$OUT/cache_gather.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+    0) log "cache gather benchmark done" ;;
+    *) log "ERROR: cache gather benchmark failed or timed out (exit $rc)"; FAILED+=("cache bench (exit $rc)") ;;
+esac
+
+# ---------------------------------------------------------------- 7. loss benchmark
 BENCH_ARGS=${BENCH_ARGS:---quick}
 T=$(left 300 5)
 MAXS=$((T > 90 ? T - 60 : T / 2))
