@@ -61,7 +61,7 @@ def select_backend(backend: str | None, device, dtype) -> str:
             f"attention backend {choice!r} (from {reason}) cannot run {torch.device(device).type} {dtype} "
             f"tensors here; available: {available}"
         )
-    if (choice, reason) not in _logged:
+    if (choice, reason) not in _logged and not torch.compiler.is_compiling():
         _logged.add((choice, reason))
         log.info("attention backend: %s (%s)", choice, reason)
     return choice
@@ -151,8 +151,9 @@ def _padded(name, q, k, v, causal, mask, scale, dropout_p):
 
 
 def _math(q, k, v, causal, mask, scale, dropout_p):
-    """The reference: fp32 softmax of explicit scores on (batch, heads, seq, head_dim)."""
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    """The reference: explicit scores and softmax in fp32 (fp64 for fp64 inputs)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     lq, lk = scores.shape[-2:]
     allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
     if causal:
@@ -163,7 +164,7 @@ def _math(q, k, v, causal, mask, scale, dropout_p):
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows (padding queries) -> 0
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
-    return (probs @ v.float()).to(q.dtype)
+    return (probs @ v.to(acc)).to(q.dtype)
 
 
 def _flash(q, k, v, causal, key_padding_mask, cu_seqlens, max_seqlen, scale, dropout_p):  # pragma: no cover
