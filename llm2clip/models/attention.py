@@ -10,7 +10,8 @@ Layouts (flash-attn's): padded q, k, v are (batch, seq, heads, head_dim), with a
 ``key_padding_mask`` (batch, seq) bool, True = a real token. Packed (variable-length) sequences
 are (total_tokens, heads, head_dim) with ``cu_seqlens`` (n + 1,) int32 cumulative lengths and
 ``max_seqlen``; tokens only attend within their own sequence. Packing avoids computing on pad
-tokens: flash-attn's varlen kernel where present, a block-diagonal mask through SDPA otherwise.
+tokens: flash-attn's (or xformers') varlen kernel where present; otherwise the sequences are
+re-padded to the longest one with a key padding mask (pass max_seqlen to avoid reading it back).
 """
 
 from __future__ import annotations
@@ -110,10 +111,17 @@ def attention(
     if name == "xformers":
         return _xformers(q, k, v, causal, key_padding_mask, cu_seqlens, scale, dropout_p)
     if packed:
-        # One batch of one sequence holding everything, with a block-diagonal mask.
-        mask = _block_diagonal(cu_seqlens, q.shape[0], causal)
-        out = _padded(name, q[None], k[None], v[None], False, mask[None, None], scale, dropout_p)
-        return out[0]
+        # No varlen kernel here: re-pad to (n, max_seqlen) with a key padding mask. Cost grows with
+        # n * max_seqlen^2, not total^2 as a block-diagonal mask over all tokens would.
+        n, total = cu_seqlens.numel() - 1, q.shape[0]
+        index, keep = repad_index(cu_seqlens, total, max_seqlen)
+
+        def pad(x: Tensor) -> Tensor:
+            padded = x.new_zeros(n * max_seqlen, *x.shape[1:]).index_copy(0, index, x)
+            return padded.view(n, max_seqlen, *x.shape[1:])
+
+        out = _padded(name, pad(q), pad(k), pad(v), causal, keep[:, None, None, :], scale, dropout_p)
+        return out.reshape(n * max_seqlen, *out.shape[2:])[index]
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :].to(torch.bool)
     return _padded(name, q, k, v, causal, mask, scale, dropout_p)
 
@@ -125,13 +133,15 @@ def _repeat_kv(k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     return k.repeat_interleave(rep, dim=-2), v.repeat_interleave(rep, dim=-2)
 
 
-def _block_diagonal(cu_seqlens: Tensor, total: int, causal: bool) -> Tensor:
-    """(total, total) bool mask: True where query i may attend key j (same sequence)."""
-    seq_id = torch.searchsorted(cu_seqlens[1:], torch.arange(total, device=cu_seqlens.device), right=True)
-    mask = seq_id[:, None] == seq_id[None, :]
-    if causal:
-        mask &= torch.ones_like(mask).tril()
-    return mask
+def repad_index(cu_seqlens: Tensor, total: int, max_seqlen: int) -> tuple[Tensor, Tensor]:
+    """Packed token -> its row in an (n * max_seqlen) padded layout; that layout's (n, max_seqlen) mask."""
+    n = cu_seqlens.numel() - 1
+    tok = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), tok, right=True)
+    index = seq * max_seqlen + (tok - cu_seqlens.long()[seq])
+    mask = torch.zeros(n * max_seqlen, dtype=torch.bool, device=cu_seqlens.device)
+    mask[index] = True
+    return index, mask.view(n, max_seqlen)
 
 
 def _padded(name, q, k, v, causal, mask, scale, dropout_p):
