@@ -10,7 +10,7 @@
 #
 # Meant for a GPU machine without network where torch and triton are preinstalled system-wide.
 # Every step runs under `timeout`; the whole script is budgeted to GPU_CHECK_BUDGET_S seconds
-# (default 450, i.e. under 8 minutes with a margin): install <= 150 s, tests <= 180 s, simulated
+# (default 540: 9 minutes, inside the device tool's 10-minute command limit): install <= 150 s, tests <= 180 s, simulated
 # W <= 60 s, cache gather <= 50 s, attention <= 60 s, and the quick loss sweep gets what is left
 # (it stops starting cases in time). Exit status: 0 only if the install, the tests and every benchmark run succeeded;
 # the benchmarks run even when the tests fail.
@@ -41,7 +41,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 START=$(date +%s)
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
@@ -181,7 +181,7 @@ esac
 # ---------------------------------------------------------------- 7. attention benchmark
 ATTN_ARGS=${ATTN_ARGS---quick --llm-models llama-3.2-1b}
 if [ -n "$ATTN_ARGS" ]; then
-    T=$(left 60 60)
+    T=$(left 60 110)
     log "bench/attention_throughput.py $ATTN_ARGS (timeout ${T}s)"
     # shellcheck disable=SC2086
     timeout -k 10 "$T" "$PY" bench/attention_throughput.py $ATTN_ARGS --out "$OUT" 2>&1 | tee "$OUT/attention.log"
