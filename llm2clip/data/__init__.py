@@ -1,0 +1,1 @@
+"""Data: webdataset-format shards and the datasets built on them."""
