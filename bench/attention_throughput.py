@@ -50,24 +50,19 @@ Writes a table to stdout and attention_throughput-<device>-<card>[-<tag>]-<time>
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as _dt
 import json
 import math
-import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "bench" / "results"
-if str(REPO_ROOT) not in sys.path:  # a plain checkout: import llm2clip from the repository
+if str(REPO_ROOT) not in sys.path:  # a plain checkout: import llm2clip and bench.common from here
     sys.path.insert(0, str(REPO_ROOT))
+from bench import common  # noqa: E402
+from bench.common import DTYPES  # noqa: E402
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 VIT_MODELS = ("B/16", "L/14")
 GPU_VIT_BATCHES = {"B/16": (256, 512), "L/14": (128, 256)}
 CPU_VIT_BATCHES = {"B/16": (2,), "L/14": (1,)}
@@ -93,57 +88,9 @@ LLM_SHAPES = {
 }  # fmt: skip
 
 
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc)
-
-
-def _free(device: str) -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _quantiles(seconds: list[float]) -> tuple[float, float, float]:
-    xs = sorted(s * 1e3 for s in seconds)
-    q = lambda p: xs[min(len(xs) - 1, max(0, round(p * (len(xs) - 1))))]
-    return statistics.median(xs), q(0.2), q(0.8)
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def matmul_rate(device: str, dtype) -> dict:
     """Dense matmul rate of this device: bf16 8192^3 on CUDA (do_bench median), 2048^3 on CPU."""
-    import torch
-
-    n = 8192 if device == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    if device == "cuda":
-        import triton.testing
-
-        ms = triton.testing.do_bench(lambda: torch.mm(a, b), quantiles=[0.5, 0.2, 0.8])[0]
-    else:
-        torch.mm(a, b)
-        ts = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            ts.append(time.perf_counter() - t0)
-        ms = statistics.median(ts) * 1e3
-    return {"what": f"torch.mm {dtype} {n}^3", "ms": ms, "tflops": 2 * n**3 / (ms * 1e-3) / 1e12}
+    return common.matmul_rate(device, dtype, str(dtype))
 
 
 # ----------------------------------------------------------------------------- part (a): ViT blocks
@@ -187,11 +134,11 @@ def run_vit(args, meta, emit) -> None:
                     row["fwd_tflops"] = row["flops_fwd"] / (row["fwd_ms"] * 1e-3) / 1e12
                     row["pct_matmul"] = 100 * row["fwd_bwd_tflops"] / rate
                 except Exception as exc:  # noqa: BLE001 - a failed case is a row, not the end of the run
-                    if not _is_oom(exc):
+                    if not common.is_oom(exc):
                         raise
                     row.update(status="oom", note=str(exc).splitlines()[0][:120])
                     skip = True
-                _free(args.device)
+                common.free_memory(args.device)
                 emit(row)
 
 
@@ -207,43 +154,26 @@ def _time_vit_block(name, backend, batch, dtype, args) -> dict:
     out.backward(grad)  # warm-up
     row = {"tokens": tokens, "width": width, "mlp_hidden": hidden, "block": source}
     row["flops_fwd"] = vit_flops(batch, tokens, width, hidden)
+    bwd = lambda out, **kw: out.backward(grad, **kw)
     if args.device == "cuda":
-        import triton.testing
-
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fwd().backward(grad)
         torch.cuda.synchronize()
         row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        kw = {
-            "warmup": args.warmup_ms,
-            "rep": args.rep_ms,
-            "quantiles": [0.5, 0.2, 0.8],
-            "grad_to_none": leaves,
-        }
-        row.update(zip(("fwd_ms", "fwd_ms_p20", "fwd_ms_p80"), triton.testing.do_bench(fwd, **kw)))
-        out = fwd()
-        bwd = triton.testing.do_bench(lambda: out.backward(grad, retain_graph=True), **kw)
-        row.update(zip(("bwd_ms", "bwd_ms_p20", "bwd_ms_p80"), bwd))
         out = None
-        both = triton.testing.do_bench(lambda: fwd().backward(grad), **kw)
-        row.update(zip(("fwd_bwd_ms", "fwd_bwd_ms_p20", "fwd_bwd_ms_p80"), both))
+        row.update(common.do_bench_fwd_bwd(fwd, bwd, leaves, args.warmup_ms, args.rep_ms))
         return row
     times = {"fwd": [], "bwd": [], "fwd_bwd": []}
     for _ in range(args.repeats):
-        for p in leaves:
-            p.grad = None
-        t0 = time.perf_counter()
-        out = fwd()
-        t1 = time.perf_counter()
-        out.backward(grad)
-        t2 = time.perf_counter()
-        times["fwd"].append(t1 - t0)
-        times["bwd"].append(t2 - t1)
-        times["fwd_bwd"].append(t2 - t0)
+        common.clear_grads(leaves)
+        _, t_fwd, t_bwd = common.perf_fwd_bwd(fwd, bwd)
+        times["fwd"].append(t_fwd)
+        times["bwd"].append(t_bwd)
+        times["fwd_bwd"].append(t_fwd + t_bwd)
     for key, ts in times.items():
-        row.update(zip((f"{key}_ms", f"{key}_ms_p20", f"{key}_ms_p80"), _quantiles(ts)))
+        row.update(common.ms_fields(key, common.ms_quantiles(ts)))
     return row
 
 
@@ -288,10 +218,10 @@ def run_llm(args, meta, emit) -> None:
         try:
             model = make_llm(shape, args.device, dtype)
         except Exception as exc:  # noqa: BLE001
-            if not _is_oom(exc):
+            if not common.is_oom(exc):
                 raise
             emit({"part": "llm", "model": shape, "status": "oom", "note": "model does not fit"})
-            _free(args.device)
+            common.free_memory(args.device)
             continue
         vocab = model.config.vocab_size
         params = sum(p.numel() for p in model.parameters())
@@ -329,14 +259,14 @@ def run_llm(args, meta, emit) -> None:
                         row["tokens_per_s"] = real / (row["ms"] * 1e-3)
                         row["status"] = "ok"
                     except Exception as exc:  # noqa: BLE001
-                        if not _is_oom(exc):
+                        if not common.is_oom(exc):
                             raise
                         row.update(status="oom", note=str(exc).splitlines()[0][:120])
                     del batches
-                    _free(args.device)
+                    common.free_memory(args.device)
                     emit(row)
         del model, emb
-        _free(args.device)
+        common.free_memory(args.device)
 
 
 def _llm_backends(device: str, dtype) -> list[str]:
@@ -356,21 +286,21 @@ def _time_llm(emb, batches, args) -> dict:
     with torch.inference_mode():
         for b in batches[:1]:
             emb(b)  # warm-up
-        _sync(args.device)
+        common.sync(args.device)
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         ts = []
         for _ in range(args.repeats):
-            _sync(args.device)
+            common.sync(args.device)
             t0 = time.perf_counter()
             for b in batches:
                 emb(b)
-            _sync(args.device)
+            common.sync(args.device)
             ts.append(time.perf_counter() - t0)
         if args.device == "cuda":
             out["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    out["ms"], out["ms_p20"], out["ms_p80"] = _quantiles(ts)
+    out["ms"], out["ms_p20"], out["ms_p80"] = common.ms_quantiles(ts)
     return out
 
 
@@ -394,11 +324,6 @@ def speedups(rows) -> list[dict]:
 # ----------------------------------------------------------------------------- output
 
 
-def _fmt(v, spec: str) -> str:
-    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
-    return "-".rjust(width) if v is None else format(v, spec)
-
-
 def format_vit(rows) -> str:
     head = (
         f"{'model':6s} {'backend':10s} {'batch':>6s} {'fwd ms':>9s} {'bwd ms':>9s} {'f+b ms':>9s} "
@@ -407,10 +332,10 @@ def format_vit(rows) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['model']:6s} {r['backend']:10s} {r['batch']:6d} {_fmt(r.get('fwd_ms'), '9.2f')} "
-            f"{_fmt(r.get('bwd_ms'), '9.2f')} {_fmt(r.get('fwd_bwd_ms'), '9.2f')} "
-            f"{_fmt(r.get('fwd_tflops'), '9.3g')} {_fmt(r.get('fwd_bwd_tflops'), '9.3g')} "
-            f"{_fmt(r.get('pct_matmul'), '6.1f')} {_fmt(r.get('peak_extra_mib'), '9.0f')}  "
+            f"{r['model']:6s} {r['backend']:10s} {r['batch']:6d} {common.fmt(r.get('fwd_ms'), '9.2f')} "
+            f"{common.fmt(r.get('bwd_ms'), '9.2f')} {common.fmt(r.get('fwd_bwd_ms'), '9.2f')} "
+            f"{common.fmt(r.get('fwd_tflops'), '9.3g')} {common.fmt(r.get('fwd_bwd_tflops'), '9.3g')} "
+            f"{common.fmt(r.get('pct_matmul'), '6.1f')} {common.fmt(r.get('peak_extra_mib'), '9.0f')}  "
             f"{r['status']} {r.get('note', '')}"
         )
     return "\n".join(lines)
@@ -428,27 +353,11 @@ def format_llm(rows) -> str:
             continue
         lines.append(
             f"{r['model']:13s} {r['backend']:9s} {r['dist']:6s} {r['layout']:14s} {r['mean_len']:8.1f} "
-            f"{100 * r['pad_fraction']:6.1f} {_fmt(r.get('ms'), '9.1f')} "
-            f"{_fmt(r.get('tokens_per_s'), '11.0f')} "
-            f"{_fmt(r.get('peak_extra_mib'), '9.0f')}  {r['status']} {r.get('note', '')}"
+            f"{100 * r['pad_fraction']:6.1f} {common.fmt(r.get('ms'), '9.1f')} "
+            f"{common.fmt(r.get('tokens_per_s'), '11.0f')} "
+            f"{common.fmt(r.get('peak_extra_mib'), '9.0f')}  {r['status']} {r.get('note', '')}"
         )
     return "\n".join(lines)
-
-
-def _git(*a):
-    try:
-        out = subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def collect_meta(args) -> dict:
@@ -456,68 +365,52 @@ def collect_meta(args) -> dict:
     import transformers
 
     meta = {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": common.utc_timestamp(),
         "device": args.device,
         "dtype": args.dtype,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
-        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "git_sha": _git("rev-parse", "HEAD"),
+        "loadavg_start": common.loadavg(),
+        **common.git_meta(),
+        "triton": common.triton_version(),
+        **common.device_meta(args.device),
     }
-    status = _git("status", "--porcelain")
-    meta["git_dirty"] = None if status is None else bool(status)
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
-    if args.device == "cuda":
-        meta["device_name"] = torch.cuda.get_device_name()
-        meta["cuda"] = torch.version.cuda
-    else:
-        meta["device_name"] = _cpu_name()
-        meta["cpu_threads"] = torch.get_num_threads()
     return meta
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def _list(s: str) -> tuple[str, ...]:
-    return tuple(x for x in s.replace(",", " ").split() if x)
-
-
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in _list(s))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="ViT block attention throughput and LLM caption encoding, packed vs padded."
     )
+    common.add_device_arg(p)
     p.add_argument(
-        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda when available"
+        "--parts", type=common.str_list, default=("vit", "llm"), help="vit, llm or both (default both)"
     )
-    p.add_argument("--parts", type=_list, default=("vit", "llm"), help="vit, llm or both (default both)")
     p.add_argument(
-        "--backends", type=_list, default=None,
+        "--backends", type=common.str_list, default=None,
         help="attention backends (default: every one available; for the LLM part on GPU, the "
         "selector's choice and sdpa)",
     )  # fmt: skip
-    p.add_argument("--vit-models", type=_list, default=VIT_MODELS, help="ViT presets (default B/16,L/14)")
     p.add_argument(
-        "--vit-batches", type=_ints, default=None,
+        "--vit-models", type=common.str_list, default=VIT_MODELS, help="ViT presets (default B/16,L/14)"
+    )
+    p.add_argument(
+        "--vit-batches", type=common.int_list, default=None,
         help="ViT batch sizes (default GPU: 256,512 for B/16 and 128,256 for L/14; CPU: 2 / 1)",
     )  # fmt: skip
     p.add_argument(
-        "--llm-models", type=_list, default=None,
+        "--llm-models", type=common.str_list, default=None,
         help=f"LLM shapes from {tuple(LLM_SHAPES)} (default GPU: llama-3.2-1b,llama-3-8b; CPU: tiny)",
     )  # fmt: skip
-    p.add_argument("--dists", type=_list, default=None, help=f"caption length distributions from {DISTS}")
-    p.add_argument("--layouts", type=_list, default=DEFAULT_LAYOUTS, help=f"layouts from {LAYOUTS}")
+    p.add_argument(
+        "--dists", type=common.str_list, default=None, help=f"caption length distributions from {DISTS}"
+    )
+    p.add_argument("--layouts", type=common.str_list, default=DEFAULT_LAYOUTS, help=f"layouts from {LAYOUTS}")
     p.add_argument(
         "--captions-per-batch", type=int, default=None, help="captions per batch (GPU 128, CPU 16)"
     )
@@ -531,18 +424,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer batches, repeats and distributions")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the caption lengths and token ids")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON results")
-    p.add_argument("--tag", default=None, help="extra word in the output file name")
+    common.add_output_args(
+        p, "directory for the JSON results", "extra word in the output file name", plot=False
+    )
     return p
 
 
 def resolve_args(args):
     import torch
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    args.device = common.resolve_device(args.device)
     gpu = args.device == "cuda"
     for name, values, allowed in (
         ("--parts", args.parts, ("vit", "llm")),
@@ -574,16 +465,14 @@ def main(argv=None) -> int:
 
     args = resolve_args(build_parser().parse_args(argv))
     meta = collect_meta(args)
-    meta["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    meta["config"] = common.config_of(args)
     meta["argv"] = sys.argv if argv is None else list(argv)
     meta["target"] = f"GPU bf16 short captions: packed >= {TARGET_SPEEDUP}x padded tokens/s"
     meta["matmul_rate"] = matmul_rate(args.device, getattr(torch, DTYPES[args.dtype]))
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    card = "".join(c if c.isalnum() else "-" for c in meta["device_name"]).strip("-")[:40] or args.device
-    json_path = args.out / (
-        f"attention_throughput-{args.device}-{card}" + (f"-{args.tag}" if args.tag else "") + f"-{stamp}.json"
-    )
+    card = common.card_tag(meta["device_name"], args.device)
+    stem = common.result_stem("attention_throughput", args.device, card, args.tag, common.file_stamp())
+    json_path = args.out / f"{stem}.json"
     print(
         f"device {meta['device_name']} ({args.device}), torch {meta['torch']}, transformers "
         f"{meta['transformers']}, git {meta['git_sha'] or 'n/a'}; "
@@ -592,7 +481,7 @@ def main(argv=None) -> int:
     rows: list[dict] = []
 
     def write() -> None:
-        doc = {"meta": {**meta, "loadavg_end": os.getloadavg()}, "rows": rows, "speedups": speedups(rows)}
+        doc = {"meta": {**meta, "loadavg_end": common.loadavg()}, "rows": rows, "speedups": speedups(rows)}
         json_path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
     def emit(row: dict) -> None:

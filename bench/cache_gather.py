@@ -42,20 +42,17 @@ Writes a table to stdout and cache_gather-<device>-<time>.json (+ .png with matp
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as _dt
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as bench/cache_gather.py
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+from bench import common  # noqa: E402
 
 GPU_METHODS = ("ext-device", "ext-device-nodd", "ext-host", "torch-device", "torch-host", "cpu-then-cuda")
 CPU_METHODS = ("ext-cpu", "torch-cpu")
@@ -79,7 +76,7 @@ def _import_ext():
     try:
         from llm2clip.cache import _ext
     except ImportError:
-        sys.path.insert(0, str(REPO_ROOT))
+        sys.path.insert(0, str(common.REPO_ROOT))
         from llm2clip.cache import _ext
     return _ext
 
@@ -91,12 +88,8 @@ def bench_cuda(fn, warmup_ms: float, rep_ms: float) -> dict:
     """{ms, ms_p20, ms_p80} of fn() on the GPU."""
     import torch
 
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
-        med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    if common.triton_version() is not None:
+        med, p20, p80 = common.do_bench_ms(fn, warmup_ms, rep_ms)
         return {"ms": med, "ms_p20": p20, "ms_p80": p80}
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     fn()
@@ -379,19 +372,14 @@ def run_cpu(args, meta, emit) -> list[dict]:
 # ----------------------------------------------------------------------------- output
 
 
-def _fmt(v, spec):
-    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
-    return "-".rjust(width) if v is None else format(v, spec)
-
-
 def format_row(r) -> str:
     if r.get("status") != "ok":
         return f"{r['method']:16s} {r['dim']:5d} {r['batch']:7d}  {r.get('status')}: {r.get('note', '')}"
     same = {True: "", False: "  MISMATCH vs torch", None: ""}[r.get("matches_torch")]
     return (
-        f"{r['method']:16s} {r['dim']:5d} {r['batch']:7d} {_fmt(r['ms'], '9.3f')} "
-        f"{_fmt(r['rows_per_s'] / 1e6, '10.2f')} {_fmt(r['gbps'], '8.1f')} "
-        f"{_fmt(r['x_ceiling'], '6.2f')} {r['ceiling']:>6s}{same}"
+        f"{r['method']:16s} {r['dim']:5d} {r['batch']:7d} {common.fmt(r['ms'], '9.3f')} "
+        f"{common.fmt(r['rows_per_s'] / 1e6, '10.2f')} {common.fmt(r['gbps'], '8.1f')} "
+        f"{common.fmt(r['x_ceiling'], '6.2f')} {r['ceiling']:>6s}{same}"
     )
 
 
@@ -402,13 +390,8 @@ TABLE_HEAD = (
 
 
 def plot(rows, meta, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("warning: matplotlib is not installed; no plot written")
+    plt = common.import_pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = ["-", "--", ":"]
@@ -426,53 +409,27 @@ def plot(rows, meta, path: Path) -> bool:
         if name.endswith("_gbps"):
             ax.axhline(v, color="k", lw=0.8, ls=":")
             ax.annotate(name[:-5], (ax.get_xlim()[0], v), fontsize=7)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("rows per batch")
-    ax.set_ylabel("GB/s (host tier: bytes read; device tier: read + written)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.suptitle(
-        f"cache row gather, {meta['device_name']} ({meta['storage']} -> {meta['out_dtype']})", fontsize=10
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.style_log_axes(ax, "rows per batch", "GB/s (host tier: bytes read; device tier: read + written)")
+    title = f"cache row gather, {meta['device_name']} ({meta['storage']} -> {meta['out_dtype']})"
+    common.save_figure(fig, path, title)
     return True
-
-
-def _git(*a):
-    try:
-        out = subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def collect_meta(args) -> dict:
     import torch
 
     meta = {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": common.utc_timestamp(),
         "device": args.device,
         "storage": args.storage,
         "out_dtype": args.out_dtype,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
-        "cpu": _cpu_name(),
+        "cpu": common.cpu_name(),
         "cpu_threads": torch.get_num_threads(),
-        "git_sha": _git("rev-parse", "HEAD"),
-        "git_dirty": None if _git("status", "--porcelain") is None else bool(_git("status", "--porcelain")),
-        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        **common.git_meta(),
+        "loadavg_start": common.loadavg(),
         "table_mib": {"device": args.device_table_mib, "host": args.host_table_mib},
     }
     if args.device == "cuda":
@@ -487,27 +444,23 @@ def collect_meta(args) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in s.replace(",", " ").split())
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Caption-cache row gather: llm2clip._C vs index_select baselines."
     )
-    p.add_argument(
-        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda when available"
-    )
+    common.add_device_arg(p)
     p.add_argument(
         "--methods",
-        type=lambda s: tuple(x for x in s.replace(",", " ").split()),
+        type=common.str_list,
         default=None,
         help=f"subset of {','.join(GPU_METHODS)} (GPU) or {','.join(CPU_METHODS)} (CPU); default all",
     )
-    p.add_argument("--dims", type=_ints, default=None, help="row dims (default 2048,4096; --quick: 4096)")
+    p.add_argument(
+        "--dims", type=common.int_list, default=None, help="row dims (default 2048,4096; --quick: 4096)"
+    )
     p.add_argument(
         "--batches",
-        type=_ints,
+        type=common.int_list,
         default=None,
         help="rows per batch (default GPU 4096,16384,65536; CPU 4096,16384)",
     )
@@ -531,21 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs of the host-timed methods (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tables and ids")
-    p.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="directory for JSON / PNG (default bench/results)"
-    )
-    p.add_argument("--tag", default=None, help="extra word in the output file names")
-    p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    common.add_output_args(p, "directory for JSON / PNG (default bench/results)")
     return p
 
 
 def resolve_args(args):
     import torch
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    args.device = common.resolve_device(args.device)
     gpu = args.device == "cuda"
     allowed = GPU_METHODS if gpu else CPU_METHODS
     args.methods = args.methods or allowed
@@ -584,8 +530,7 @@ def main(argv=None) -> int:
         verdict = "PASS" if t["pass"] else "FAIL"
         print(f"target {t['method']} dim {t['dim']} batch {t['batch']}: {verdict} ({checks})")
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = f"cache_gather-{args.device}-{stamp}" + (f"-{args.tag}" if args.tag else "")
+    stem = common.result_stem("cache_gather", args.device, common.file_stamp(), args.tag)
     path = args.out / f"{stem}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows, "targets": targets}, indent=1))
     print(f"wrote {path}")

@@ -32,13 +32,14 @@ import contextlib
 import ctypes
 import datetime as _dt
 import gc
-import json
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench import common
 
 if __package__:
     from . import loss_throughput as lt
@@ -227,7 +228,7 @@ def measure_case(env: DistEnv, k, sigmoid: bool, b: int, D: int, args, rate_tflo
 
     W, rank, dev = env.world, env.rank, env.torch_device
     B = W * b
-    dtype = getattr(torch, lt.DTYPES[args.dtype])
+    dtype = getattr(torch, common.DTYPES[args.dtype])
     img, txt, scale, bias = lt.make_inputs(b, b, D, dtype, dev, args.seed + rank, args.scale, args.bias)
     leaves = [img, txt, scale] + ([bias] if sigmoid else [])
     dist_fn = k.distributed_sigmoid_loss if sigmoid else k.distributed_infonce_loss
@@ -235,8 +236,7 @@ def measure_case(env: DistEnv, k, sigmoid: bool, b: int, D: int, args, rate_tflo
     extra = (bias,) if sigmoid else ()
 
     def step():
-        for x in leaves:
-            x.grad = None
+        common.clear_grads(leaves)
         loss = dist_fn(img, txt, scale, *extra, backend=args.backend)
         loss.backward()
         return loss
@@ -249,8 +249,7 @@ def measure_case(env: DistEnv, k, sigmoid: bool, b: int, D: int, args, rate_tflo
     c_extra = (c_bias,) if sigmoid else ()
 
     def compute():
-        for x in c_leaves:
-            x.grad = None
+        common.clear_grads(c_leaves)
         one_fn(c_img, c_txt, c_scale, *c_extra, positive_offset=rank * b, backend=args.backend).backward()
 
     comm = _comm_only(env, txt, B, sigmoid)
@@ -271,8 +270,7 @@ def measure_case(env: DistEnv, k, sigmoid: bool, b: int, D: int, args, rate_tflo
         parts["step"].append(time_it(step))
         parts["comm"].append(time_it(comm))
         parts["compute"].append(time_it(compute))
-    for x in leaves + c_leaves:
-        x.grad = None
+    common.clear_grads(leaves + c_leaves)
 
     itemsize = ITEMSIZE[args.dtype]
     row = {
@@ -293,7 +291,7 @@ def measure_case(env: DistEnv, k, sigmoid: bool, b: int, D: int, args, rate_tflo
         "gathered_text_mib": B * D * itemsize / 2**20,
     }
     for name, xs in parts.items():
-        row.update(lt._median_p20_p80(name, xs))
+        row.update(common.ms_fields(name, common.ms_quantiles(xs)))
     step_ms, comm_ms, compute_ms = row["step_ms"], row["comm_ms"], row["compute_ms"]
     row["hidden_frac"] = (
         min(1.0, max(0.0, (compute_ms + comm_ms - step_ms) / comm_ms)) if W > 1 and comm_ms > 0 else None
@@ -327,7 +325,7 @@ def format_dist_table(rows) -> str:
         f"{'peak MiB':>9s} {'B*D MiB':>8s}"
     )
     lines = [head, "-" * len(head)]
-    f = lt._fmt
+    f = common.fmt
     for r in sorted(rows, key=lambda r: (r["loss_kind"], r["D"], r["b"], r["rank"])):
         lines.append(
             f"{r['loss_kind']:8s} {r['rank']:4d} {r['world']:3d} {r['b']:7d} {r['B']:8d} {r['D']:5d} "
@@ -342,13 +340,8 @@ def format_dist_table(rows) -> str:
 
 def plot_dist(rows, meta, path: Path) -> bool:
     """Slowest rank's step, comm and compute time against b, one panel per loss."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("warning: matplotlib is not installed; no plot written (pip install matplotlib)")
+    plt = common.import_pyplot()
+    if plt is None:
         return False
     kinds = sorted({r["loss_kind"] for r in rows})
     fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 5), squeeze=False)
@@ -359,17 +352,9 @@ def plot_dist(rows, meta, path: Path) -> bool:
             for pi, part in enumerate(("step", "comm", "compute")):
                 ys = [max(r[f"{part}_ms"] for r in sel if r["b"] == b) for b in bs]
                 ax.plot(bs, ys, ["-", "--", ":"][pi], marker="o", color=f"C{di}", label=f"{part} D={D}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("per-rank batch b")
-        ax.set_ylabel("ms (median; slowest rank)")
         ax.set_title(f"distributed {kind}, W={meta['world']}", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{meta['device_name']} ({meta['dtype']}, {meta['dist_backend']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        common.style_log_axes(ax, "per-rank batch b", "ms (median; slowest rank)")
+    common.save_figure(fig, path, f"{meta['device_name']} ({meta['dtype']}, {meta['dist_backend']})")
     return True
 
 
@@ -379,15 +364,17 @@ def run_distributed(args, argv=None) -> int:
     import torch.distributed as dist
 
     env = init_distributed(args.device)
-    k = lt.import_kernels()
+    k = common.import_kernels()
     if env.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     mine = {
         "rank": env.rank,
-        "device_name": torch.cuda.get_device_name(env.local_rank) if env.device == "cuda" else lt._cpu_name(),
+        "device_name": torch.cuda.get_device_name(env.local_rank)
+        if env.device == "cuda"
+        else common.cpu_name(),
         "host": os.uname().nodename,
         "threads": torch.get_num_threads(),
-        "matmul_rate": lt.gpu_matmul_rate() if env.device == "cuda" else lt.cpu_matmul_rate(args.dtype),
+        "matmul_rate": lt.matmul_rate(env.device, args.dtype),
     }
     per_rank = [None] * env.world
     dist.all_gather_object(per_rank, mine)
@@ -398,7 +385,7 @@ def run_distributed(args, argv=None) -> int:
         meta = lt.collect_meta(args)
         meta.update(world=env.world, dist_backend=env.backend, ranks=per_rank, mode="distributed")
         meta["matmul_rate"] = mine["matmul_rate"]
-        meta["config"] = {k_: (str(v) if isinstance(v, Path) else v) for k_, v in vars(args).items()}
+        meta["config"] = common.config_of(args)
         meta["argv"] = sys.argv if argv is None else list(argv)
         meta["flop_count"] = "8*b*B*D per rank per forward+backward (B = W*b)"
         json_path, png_path = lt.output_paths(args, meta, f"dist{env.world}")
@@ -438,16 +425,16 @@ def run_distributed(args, argv=None) -> int:
         row["status"] = "ok"
         gathered = [None] * env.world
         dist.all_gather_object(gathered, row)
-        lt._free(env.device)
+        common.free_memory(env.device)
         if env.rank == 0:
             rows.extend(gathered)
-            _write_json(json_path, meta, rows)
+            common.write_json_atomic(json_path, {"meta": meta, "rows": rows})
             worst = max(r["step_ms"] for r in gathered)
             print(f" ok ({time.perf_counter() - t0:.1f}s; slowest rank's step {worst:.2f} ms)", flush=True)
 
     if env.rank == 0:
-        meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-        _write_json(json_path, meta, rows)
+        meta["loadavg_end"] = common.loadavg()
+        common.write_json_atomic(json_path, {"meta": meta, "rows": rows})
         done = [r for r in rows if r.get("status") == "ok"]
         print()
         print(format_dist_table(done))
@@ -465,12 +452,6 @@ def run_distributed(args, argv=None) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
-
-
-def _write_json(path: Path, meta: dict, rows: list) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- simulated W
@@ -515,7 +496,7 @@ def format_sim_table(rows) -> str:
         f"{'rest MiB':>9s}  note"
     )
     lines = [head, "-" * len(head)]
-    f = lt._fmt
+    f = common.fmt
     for r in rows:
         if r.get("status") == "oom":
             mem_s = "OOM"
@@ -534,13 +515,8 @@ def format_sim_table(rows) -> str:
 
 def plot_sim(rows, meta, path: Path) -> bool:
     """Per-rank step time and peak memory against the global batch B, one line per W."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("warning: matplotlib is not installed; no plot written (pip install matplotlib)")
+    plt = common.import_pyplot()
+    if plt is None:
         return False
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
     ok = [r for r in rows if r.get("status") == "ok"]
@@ -562,14 +538,7 @@ def plot_sim(rows, meta, path: Path) -> bool:
         gathered = [B * D * ITEMSIZE[meta["dtype"]] / 2**20 for B in Bs]
         ax_m.plot(Bs, gathered, styles[di % len(styles)], color="k", lw=0.8, label=f"B*D*itemsize D={D}")
     for ax, ylab in ((ax_t, "per-rank forward+backward ms (median)"), (ax_m, "peak extra memory MiB")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("global batch B (b = B / W)")
-        ax.set_ylabel(ylab)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"simulated W ranks, {meta['device_name']} ({meta['dtype']}), no communication", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        common.style_log_axes(ax, "global batch B (b = B / W)", ylab)
+    title = f"simulated W ranks, {meta['device_name']} ({meta['dtype']}), no communication"
+    common.save_figure(fig, path, title)
     return True

@@ -55,23 +55,21 @@ into --out (rank 0 only in distributed mode).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as _dt
 import gc
 import importlib
-import importlib.util
 import json
 import os
 import platform
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as bench/loss_throughput.py
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+from bench import common  # noqa: E402
+from bench.common import DTYPES, import_kernels  # noqa: E402,F401 - also used by loss_distributed
 
 ALL_METHODS = ("ours", "ours-sigmoid", "naive", "naive-sigmoid", "openclip-local", "infcl")
 SIGMOID_METHODS = ("ours-sigmoid", "naive-sigmoid")
@@ -88,55 +86,9 @@ CPU_DIMS = (256,)
 ACCEPTANCE = (16384, 256)  # b = B, D: ours must peak below 5% of naive's memory on CPU
 ACCEPTANCE_RATIO = 0.05
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
 
 class _Stop(Exception):
     """Raised from the SIGTERM handler so a run killed by `timeout` still writes its files."""
-
-
-# ----------------------------------------------------------------------------- imports
-
-
-def import_kernels():
-    """Import llm2clip_kernels; from a plain checkout (not pip-installed) load it from kernels/."""
-    try:
-        return importlib.import_module("llm2clip_kernels")
-    except ImportError:
-        init = REPO_ROOT / "kernels" / "__init__.py"
-        if not init.exists():
-            raise
-        spec = importlib.util.spec_from_file_location(
-            "llm2clip_kernels", init, submodule_search_locations=[str(init.parent)]
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["llm2clip_kernels"] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            sys.modules.pop("llm2clip_kernels", None)
-            raise
-        return mod
-
-
-def _oom_types():
-    import torch
-
-    types = [torch.cuda.OutOfMemoryError]
-    with contextlib.suppress(Exception):
-        from triton.runtime.errors import OutOfResources
-
-        types.append(OutOfResources)
-    return tuple(types)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, (MemoryError, *_oom_types())):
-        return True
-    msg = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in msg or "CUBLAS_STATUS_ALLOC_FAILED" in msg or "out of resource" in msg
-    )
 
 
 # ----------------------------------------------------------------------------- the losses
@@ -233,28 +185,22 @@ def make_inputs(b, B, D, dtype, device, seed, scale_value, bias_value):
 # ----------------------------------------------------------------------------- GPU measurement
 
 
-def gpu_matmul_rate() -> dict:
-    """bf16 8192^3 torch.mm rate in TFLOP/s (median of do_bench) on the current CUDA device."""
+def matmul_rate(device: str, dtype_name: str) -> dict:
+    """The floor's rate R: bf16 8192^3 torch.mm on CUDA (do_bench median), dtype_name 2048^3 on CPU."""
     import torch
-    import triton.testing
 
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: torch.mm(a, b), quantiles=[0.5, 0.2, 0.8])
-    return {"what": "torch.mm bf16 8192^3", "ms": ms[0], "tflops": 2 * n**3 / (ms[0] * 1e-3) / 1e12}
+    if device == "cuda":
+        return common.matmul_rate("cuda", torch.bfloat16, "bf16")
+    return common.matmul_rate("cpu", getattr(torch, DTYPES[dtype_name]), dtype_name)
 
 
 def measure_gpu(fn, img, txt, scale, bias, leaves, args) -> dict:
     """One method at one size on CUDA. Raises on OOM; the caller frees memory."""
     import torch
-    import triton.testing
 
-    for x in leaves:
-        x.grad = None
+    common.clear_grads(leaves)
     fn(img, txt, scale).backward()  # warm-up: compilation and autotuning happen here
-    for x in leaves:
-        x.grad = None
+    common.clear_grads(leaves)
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -275,52 +221,26 @@ def measure_gpu(fn, img, txt, scale, bias, leaves, args) -> dict:
         "single_fwd_bwd_ms": single_s * 1e3,
     }
     del loss
-    for x in leaves:
-        x.grad = None
+    common.clear_grads(leaves)
 
     if single_s > args.slow_seconds:
         row["fwd_bwd_ms"] = single_s * 1e3
         row["note"] = f"single run (> --slow-seconds {args.slow_seconds:g}); larger sizes skipped"
         return row
 
-    q = [0.5, 0.2, 0.8]
-    kw = {"warmup": args.warmup_ms, "rep": args.rep_ms, "quantiles": q, "grad_to_none": leaves}
     row.update(
-        zip(
-            ("fwd_ms", "fwd_ms_p20", "fwd_ms_p80"), triton.testing.do_bench(lambda: fn(img, txt, scale), **kw)
+        common.do_bench_fwd_bwd(
+            lambda: fn(img, txt, scale),
+            lambda loss, **kw: loss.backward(**kw),
+            leaves,
+            args.warmup_ms,
+            args.rep_ms,
         )
     )
-    loss = fn(img, txt, scale)
-    bwd = triton.testing.do_bench(lambda: loss.backward(retain_graph=True), **kw)
-    row.update(zip(("bwd_ms", "bwd_ms_p20", "bwd_ms_p80"), bwd))
-    loss = None  # drop the retained graph before timing forward+backward
-    for x in leaves:
-        x.grad = None
-    fb = triton.testing.do_bench(lambda: fn(img, txt, scale).backward(), **kw)
-    row.update(zip(("fwd_bwd_ms", "fwd_bwd_ms_p20", "fwd_bwd_ms_p80"), fb))
-    for x in leaves:
-        x.grad = None
     return row
 
 
 # ----------------------------------------------------------------------------- CPU measurement
-
-
-def cpu_matmul_rate(dtype_name: str) -> dict:
-    import torch
-
-    n = 2048
-    dt = getattr(torch, DTYPES[dtype_name])
-    a = torch.randn(n, n, dtype=dt)
-    b = torch.randn(n, n, dtype=dt)
-    torch.mm(a, b)
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        ts.append(time.perf_counter() - t0)
-    ms = statistics.median(ts) * 1e3
-    return {"what": f"torch.mm {dtype_name} {n}^3", "ms": ms, "tflops": 2 * n**3 / (ms * 1e-3) / 1e12}
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -342,12 +262,6 @@ def _reset_hwm() -> bool:
         return True
     except OSError:
         return False
-
-
-def _median_p20_p80(name: str, seconds: list[float]) -> dict:
-    xs = sorted(v * 1e3 for v in seconds)
-    q = lambda p: xs[min(len(xs) - 1, max(0, round(p * (len(xs) - 1))))]
-    return {f"{name}_ms": statistics.median(xs), f"{name}_ms_p20": q(0.2), f"{name}_ms_p80": q(0.8)}
 
 
 def _cpu_child(spec_json: str) -> None:
@@ -387,25 +301,19 @@ def _cpu_child(spec_json: str) -> None:
     }
     fw, bw, fb = [], [], []
     while len(fb) < spec["repeats"] and (not fb or sum(fb) < spec["repeat_seconds"]):
-        for x in leaves:
-            x.grad = None
-        t0 = time.perf_counter()
-        loss = fn(img, txt, scale)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        fw.append(t1 - t0)
-        bw.append(t2 - t1)
-        fb.append(t2 - t0)
+        common.clear_grads(leaves)
+        loss, t_fwd, t_bwd = common.perf_fwd_bwd(lambda: fn(img, txt, scale), lambda loss: loss.backward())
+        fw.append(t_fwd)
+        bw.append(t_bwd)
+        fb.append(t_fwd + t_bwd)
         if len(fb) == 1:
             out["maxrss_after_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             out["hwm_after_kib"] = _proc_status_kib("VmHWM")
             out["loss"] = float(loss.detach())
         loss = None
     out["timed_runs"] = len(fb)
-    out.update(_median_p20_p80("fwd", fw))
-    out.update(_median_p20_p80("bwd", bw))
-    out.update(_median_p20_p80("fwd_bwd", fb))
+    for name, seconds in (("fwd", fw), ("bwd", bw), ("fwd_bwd", fb)):
+        out.update(common.ms_fields(name, common.ms_quantiles(seconds)))
     print(json.dumps(out))
 
 
@@ -556,18 +464,18 @@ def run_sweep(args, meta, emit, cases=None) -> list[dict]:
         except _Stop:
             raise
         except Exception as e:  # noqa: BLE001 - one failing case must not end the sweep
-            if _is_oom(e):
+            if common.is_oom(e):
                 status, note = "oom", type(e).__name__
                 old = oom_bB.get(method)
                 oom_bB[method] = (b, B) if old is None else (min(old[0], b), min(old[1], B))
             else:
                 status, note = "error", f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
         finally:
-            _free(device)
+            common.free_memory(device)
         print(f" {status} ({time.perf_counter() - t0:.1f}s)", flush=True)
         add(row, status, note)
     inputs["tensors"] = None
-    _free(device)
+    common.free_memory(device)
     return rows
 
 
@@ -577,7 +485,7 @@ def _gpu_case(method, b, B, D, args, inputs) -> dict:
 
     if inputs["key"] != (b, B, D):
         inputs["key"], inputs["tensors"] = None, None
-        _free("cuda")
+        common.free_memory("cuda")
         dtype = getattr(torch, DTYPES[args.dtype])
         inputs["tensors"] = make_inputs(b, B, D, dtype, "cuda", args.seed, args.scale, args.bias)
         inputs["key"] = (b, B, D)
@@ -587,24 +495,10 @@ def _gpu_case(method, b, B, D, args, inputs) -> dict:
     try:
         return measure_gpu(fn, img, txt, scale, bias, leaves, args)
     finally:
-        for x in (img, txt, scale, bias):
-            x.grad = None
-
-
-def _free(device):
-    gc.collect()
-    if device == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
+        common.clear_grads((img, txt, scale, bias))
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def _fmt(v, spec):
-    width = int("".join(c for c in spec.split(".")[0] if c.isdigit()) or 0)
-    return "-".rjust(width) if v is None else format(v, spec)
 
 
 def format_table(rows) -> str:
@@ -620,13 +514,13 @@ def format_table(rows) -> str:
         elif r.get("mem_status"):
             mem_s = r["mem_status"].upper()
         else:
-            mem_s = _fmt(mem, ".1f")
+            mem_s = common.fmt(mem, ".1f")
         note = r.get("note", "") if r.get("status") == "ok" else f"{r.get('status')}: {r.get('note', '')}"
         lines.append(
             f"{r['method']:15s} {r['b']:7d} {r['B']:7d} {r['D']:5d} {r['dtype']:5s} "
-            f"{_fmt(r.get('fwd_ms'), '9.2f')} {_fmt(r.get('bwd_ms'), '9.2f')} "
-            f"{_fmt(r.get('fwd_bwd_ms'), '9.2f')} {_fmt(r.get('fwd_bwd_tflops'), '8.3g')} "
-            f"{_fmt(r.get('fwd_bwd_x_floor'), '8.2f')} {mem_s:>10s}  {note}"
+            f"{common.fmt(r.get('fwd_ms'), '9.2f')} {common.fmt(r.get('bwd_ms'), '9.2f')} "
+            f"{common.fmt(r.get('fwd_bwd_ms'), '9.2f')} {common.fmt(r.get('fwd_bwd_tflops'), '8.3g')} "
+            f"{common.fmt(r.get('fwd_bwd_x_floor'), '8.2f')} {mem_s:>10s}  {note}"
         )
     return "\n".join(lines)
 
@@ -643,13 +537,8 @@ def memory_ratios(rows) -> list[dict]:
 
 
 def plot(rows, meta, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("warning: matplotlib is not installed; no plot written (pip install matplotlib)")
+    plt = common.import_pyplot()
+    if plt is None:
         return False
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
     dims = sorted({r["D"] for r in rows})
@@ -679,16 +568,8 @@ def plot(rows, meta, path: Path) -> bool:
                 label=f"floor D={D}",
             )
     for ax, ylab in ((ax_t, "forward+backward ms (median)"), (ax_m, "peak extra memory MiB")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch b = B")
-        ax.set_ylabel(ylab)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"contrastive loss, {meta['device_name']} ({meta['dtype']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        common.style_log_axes(ax, "batch b = B", ylab)
+    common.save_figure(fig, path, f"contrastive loss, {meta['device_name']} ({meta['dtype']})")
     return True
 
 
@@ -696,69 +577,31 @@ def collect_meta(args) -> dict:
     import torch
 
     meta = {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": common.utc_timestamp(),
         "device": args.device,
         "dtype": args.dtype,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
-        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "loadavg_start": common.loadavg(),
+        "triton": common.triton_version(),
     }
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
-    if args.device == "cuda":
-        meta["device_name"] = torch.cuda.get_device_name()
-        meta["cuda"] = torch.version.cuda
-    else:
-        meta["device_name"] = _cpu_name()
-        meta["cpu_threads"] = torch.get_num_threads()
-    meta["git_sha"] = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain")
-    meta["git_dirty"] = None if status is None else bool(status)
+    meta.update(common.device_meta(args.device))
+    meta.update(common.git_meta())
     return meta
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _git(*a):
-    try:
-        out = subprocess.run(["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 # ----------------------------------------------------------------------------- CLI
-
-
-def _ints(s: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in s.replace(",", " ").split())
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Time and memory of contrastive losses (ours vs naive, open_clip local_loss, Inf-CL).",
     )
-    p.add_argument(
-        "--device",
-        choices=("auto", "cuda", "cpu"),
-        default="auto",
-        help="auto (default): cuda when available, else cpu",
-    )
+    common.add_device_arg(p, "auto (default): cuda when available, else cpu")
     p.add_argument(
         "--methods",
-        type=lambda s: tuple(x for x in s.replace(",", " ").split()),
+        type=common.str_list,
         default=None,
         help=f"comma-separated subset of {','.join(ALL_METHODS)} (default: ours,naive,openclip-local,infcl "
         "on CUDA; ours,naive on CPU)",
@@ -775,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--simulate-world",
-        type=_ints,
+        type=common.int_list,
         default=None,
         metavar="W[,W...]",
         help="one process doing the per-rank work of a W-rank step: b = B/W images against all B "
@@ -784,17 +627,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batches",
-        type=_ints,
+        type=common.int_list,
         default=None,
         help="b = B values, comma-separated (default by device); per-rank b with --distributed, "
         "global B with --simulate-world",
     )
     p.add_argument(
-        "--dims", type=_ints, default=None, help="feature dims D, comma-separated (default by device)"
+        "--dims",
+        type=common.int_list,
+        default=None,
+        help="feature dims D, comma-separated (default by device)",
     )
     p.add_argument(
         "--baseline-dims",
-        type=_ints,
+        type=common.int_list,
         default=None,
         help="dims at which the baselines (naive*, openclip-local, infcl) run "
         "(default: --dims; --quick on CUDA: 1024)",
@@ -858,24 +704,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--bias", type=float, default=-10.0, help="logit bias for the sigmoid methods (default -10)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed for the random features (default 0)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help="directory for the JSON results and PNG plot (default bench/results)",
-    )
-    p.add_argument("--tag", default=None, help="extra word in the output file names")
-    p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    common.add_output_args(p, "directory for the JSON results and PNG plot (default bench/results)")
     return p
 
 
 def resolve_args(args):
     import torch
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    args.device = common.resolve_device(args.device)
     gpu = args.device == "cuda"
     if args.simulate_world:
         if args.distributed or "WORLD_SIZE" in os.environ:
@@ -964,10 +800,8 @@ def _loss_distributed():
 def output_paths(args, meta, mode: str | None = None) -> tuple[Path, Path]:
     """(JSON, PNG) paths in --out: loss_throughput-<device>-<card>[-<mode>][-<tag>]-<time>."""
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    dev_tag = "".join(c if c.isalnum() else "-" for c in meta["device_name"]).strip("-")[:40] or args.device
-    stem = f"loss_throughput-{args.device}-{dev_tag}" + "".join(f"-{x}" for x in (mode, args.tag) if x)
-    stem += f"-{stamp}"
+    dev_tag = common.card_tag(meta["device_name"], args.device)
+    stem = common.result_stem("loss_throughput", args.device, dev_tag, mode, args.tag, common.file_stamp())
     return args.out / f"{stem}.json", args.out / f"{stem}.png"
 
 
@@ -978,8 +812,7 @@ def main(argv=None) -> int:
     sim = bool(args.simulate_world)
     ld = _loss_distributed() if sim else None
     meta = collect_meta(args)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    meta["config"] = config
+    meta["config"] = common.config_of(args)
     meta["argv"] = sys.argv if argv is None else list(argv)
     meta["flop_count"] = "8*b*B*D forward+backward (2bBD fwd, 6bBD bwd) for every method"
     mode = None
@@ -1006,16 +839,14 @@ def main(argv=None) -> int:
             f"methods {','.join(args.methods)}; b=B in {args.batches}; D in {args.dims} "
             f"(baselines D in {args.baseline_dims}); {args.dtype}"
         )
-    meta["matmul_rate"] = gpu_matmul_rate() if args.device == "cuda" else cpu_matmul_rate(args.dtype)
+    meta["matmul_rate"] = matmul_rate(args.device, args.dtype)
     print(
         f"matmul rate: {meta['matmul_rate']['what']} = {meta['matmul_rate']['tflops']:.2f} TFLOP/s "
         f"(floor = 8bBD / this)"
     )
 
     def emit(rows):  # rewrite after every row so a killed run still leaves its results
-        tmp = json_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        os.replace(tmp, json_path)
+        common.write_json_atomic(json_path, {"meta": meta, "rows": rows})
 
     def on_term(signum, frame):
         raise _Stop()
@@ -1037,7 +868,7 @@ def main(argv=None) -> int:
     ratios = [] if sim else memory_ratios(rows)
     meta["memory_ratios"] = ratios
     meta["interrupted"] = interrupted
-    meta["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    meta["loadavg_end"] = common.loadavg()
     emit(rows)
     print()
     print(ld.format_sim_table(rows) if sim else format_table(rows))
