@@ -457,8 +457,9 @@ def test_torch_compile_fullgraph(backend, device, kind):
     compiled = torch.compile(model, backend=recording_backend, fullgraph=True)
     loss, grads = run(compiled)
     assert len(graphs) == 1
-    targets = [node.target for node in graphs[0].graph.nodes]
-    assert torch.ops.llm2clip_kernels.contrastive_forward.default in targets
+    # By name: loading another extension (llm2clip._C) can rebuild torch.ops' cached op objects.
+    targets = [str(node.target) for node in graphs[0].graph.nodes]
+    assert "llm2clip_kernels.contrastive_forward.default" in targets
     torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-7)
     assert grads.keys() == eager_grads.keys()
     for name in grads:
