@@ -1,0 +1,250 @@
+"""Small helpers shared by the trainers (stage 1, stage 2): distributed setup, print0, atomic
+checkpoint files, the LR schedule, a progress bar with a plain fallback, gradient all-reduce.
+
+    dist = init_distributed()            # reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK
+    print0(dist, "hello")                # rank 0 only
+    sched = lr_schedule(opt, warmup=300, total=10_000, decay="cosine")
+    atomic_save({"step": 1, ...}, "out/checkpoint.pt")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+__all__ = [
+    "DistInfo",
+    "Progress",
+    "all_reduce_grads",
+    "all_reduce_mean",
+    "atomic_save",
+    "atomic_write_json",
+    "capture_rng",
+    "init_distributed",
+    "lr_factor",
+    "lr_schedule",
+    "print0",
+    "restore_rng",
+    "seed_everything",
+]
+
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank / world size (1 without torchrun), its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto", backend: str | None = None, timeout_s: float = 1800) -> DistInfo:
+    """Read torchrun's environment, pick the device, and init the process group when WORLD_SIZE > 1.
+
+    device: 'auto' (cuda:LOCAL_RANK when CUDA is available, else cpu), 'cpu' or 'cuda'.
+    backend: None = nccl on CUDA, gloo on CPU.
+    """
+    from datetime import timedelta
+
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    elif device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if world > 1 and not torch_dist.is_initialized():
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        kw = {"device_id": dev} if dev.type == "cuda" else {}
+        torch_dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kw)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def print0(dist: DistInfo | None, *args, **kwargs) -> None:
+    """print on rank 0 only (flushed)."""
+    if dist is None or dist.is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def capture_rng() -> dict:
+    """This process's RNG states (python, torch CPU, the current CUDA device)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def _fsync_replace(tmp: str, path: str) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename durable too
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename: a reader sees the old file
+    or the new one, never a torn write."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    _fsync_replace(tmp, path)
+
+
+def _jsonable(x):
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.asdict(x)
+    if isinstance(x, (torch.device, torch.dtype)):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def atomic_write_json(obj, path: str | os.PathLike) -> None:
+    """Write JSON (dataclasses become dicts) atomically."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_jsonable)
+        f.write("\n")
+    _fsync_replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# LR schedule
+
+
+def lr_factor(step: int, warmup: int, total: int, decay: str = "cosine", min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup over `warmup`
+    steps (step 0 already gets 1/warmup), then cosine / linear decay to `min_ratio` at `total`."""
+    if decay not in DECAYS:
+        raise ValueError(f"decay {decay!r} not in {DECAYS}")
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def lr_schedule(optimizer, warmup: int, total: int, decay: str = "cosine", min_ratio: float = 0.0):
+    """A LambdaLR over :func:`lr_factor`; its state_dict (the step count) checkpoints and resumes."""
+    if decay not in DECAYS:
+        raise ValueError(f"decay {decay!r} not in {DECAYS}")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, total, decay, min_ratio)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed arithmetic
+
+
+def all_reduce_grads(params, world_size: int) -> None:
+    """Average the gradients of `params` over ranks in one flat all-reduce (small adapters)."""
+    if world_size <= 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch_dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
+        offset += n
+
+
+def all_reduce_mean(value: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size <= 1:
+        return value
+    value = value.detach().clone()
+    torch_dist.all_reduce(value)
+    return value / world_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """A tqdm bar on rank 0 when tqdm is installed and stderr is a terminal (or forced), else a plain
+    line every `every` steps. Disabled on other ranks."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, every: int = 10, desc: str = ""):
+        self.total, self.step, self.every, self.desc = total, initial, max(1, every), desc
+        self.enabled, self._bar, self._t0 = enabled, None, time.perf_counter()
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+            except ImportError:
+                self._bar = None
+
+    def update(self, **stats) -> None:
+        self.step += 1
+        if not self.enabled:
+            return
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix_str(text, refresh=False)
+        elif self.step % self.every == 0 or self.step == self.total:
+            elapsed = time.perf_counter() - self._t0
+            print(f"{self.desc} step {self.step}/{self.total} {text} ({elapsed:.1f}s)", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
