@@ -10,16 +10,16 @@
 #
 # Meant for a GPU machine without network where torch and triton are preinstalled system-wide.
 # Every step runs under `timeout`; the whole script is budgeted to GPU_CHECK_BUDGET_S seconds
-# (default 540: 9 minutes, inside the device tool's 10-minute command limit): install <= 150 s, tests <= 180 s, simulated
-# W <= 60 s, cache gather <= 50 s, attention <= 60 s, and the quick loss sweep gets what is left
-# (it stops starting cases in time). Exit status: 0 only if the install, the tests and every benchmark run succeeded;
+# (default 580 s, inside the device tool's 10-minute command limit): install <= 150 s, tests <= 180 s,
+# simulated W <= 60 s, cache gather <= 50 s, attention <= 60 s, extraction <= 50 s, and the quick loss
+# sweep gets what is left (it stops starting cases in time). Exit status: 0 only if the install, the tests and every benchmark run succeeded;
 # the benchmarks run even when the tests fail.
 #
 # Writes into OUT_DIR:
 #   gpu_check.log   step log, nvidia-smi, versions, install output, summary
 #   pytest.log      the test run
 #   sim.log         the simulated-W run's stdout/stderr (per-rank work of an 8-GPU step, no comms)
-#   cache_gather.log, attention.log, bench.log   the other benchmarks' stdout/stderr
+#   cache_gather.log, attention.log, extract.log, bench.log   the other benchmarks' stdout/stderr
 #   loss_throughput-*, cache_gather-*, attention_throughput-* .json / .png   rows and plots
 #
 # Optional: wheels placed in .whl/ at the repository root (for example inf_cl-*.whl, which has no
@@ -41,7 +41,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 2
 
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-540}
+BUDGET=${GPU_CHECK_BUDGET_S:-580}
 START=$(date +%s)
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
@@ -135,7 +135,7 @@ fi
 # ---------------------------------------------------------------- 4. tests
 PYTEST_ARGS=${PYTEST_ARGS:--q tests}
 if "$PY" -c "import pytest" >/dev/null 2>&1; then
-    T=$(left 180 280)
+    T=$(left 180 330)
     log "pytest $PYTEST_ARGS (timeout ${T}s)"
     # shellcheck disable=SC2086
     timeout -k 15 "$T" "$PY" -m pytest $PYTEST_ARGS -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log"
@@ -154,7 +154,7 @@ fi
 # ---------------------------------------------------------------- 5. simulated W ranks
 SIM_ARGS=${SIM_ARGS---simulate-world 8 --batches 32768,131072 --dims 1024}
 if [ -n "$SIM_ARGS" ]; then
-    T=$(left 60 230)
+    T=$(left 60 280)
     MAXS=$((T > 50 ? T - 30 : T / 2))
     log "bench/loss_throughput.py $SIM_ARGS --max-seconds $MAXS (timeout ${T}s)"
     # shellcheck disable=SC2086
@@ -169,7 +169,7 @@ if [ -n "$SIM_ARGS" ]; then
 fi
 
 # ---------------------------------------------------------------- 6. cache gather benchmark
-T=$(left 50 170)
+T=$(left 50 220)
 log "bench/cache_gather.py --quick (timeout ${T}s)"
 timeout -k 10 "$T" "$PY" bench/cache_gather.py --quick --out "$OUT" 2>&1 | tee "$OUT/cache_gather.log"
 rc=${PIPESTATUS[0]}
@@ -181,7 +181,7 @@ esac
 # ---------------------------------------------------------------- 7. attention benchmark
 ATTN_ARGS=${ATTN_ARGS---quick --llm-models llama-3.2-1b}
 if [ -n "$ATTN_ARGS" ]; then
-    T=$(left 60 110)
+    T=$(left 60 160)
     log "bench/attention_throughput.py $ATTN_ARGS (timeout ${T}s)"
     # shellcheck disable=SC2086
     timeout -k 10 "$T" "$PY" bench/attention_throughput.py $ATTN_ARGS --out "$OUT" 2>&1 | tee "$OUT/attention.log"
@@ -192,7 +192,17 @@ if [ -n "$ATTN_ARGS" ]; then
     esac
 fi
 
-# ---------------------------------------------------------------- 8. loss benchmark
+# ---------------------------------------------------------------- 8. extraction benchmark
+T=$(left 50 120)
+log "bench/extract_throughput.py --quick (timeout ${T}s)"
+timeout -k 10 "$T" "$PY" bench/extract_throughput.py --quick --out "$OUT" 2>&1 | tee "$OUT/extract.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+    0) log "extraction benchmark done" ;;
+    *) log "ERROR: extraction benchmark failed or timed out (exit $rc)"; FAILED+=("extract bench (exit $rc)") ;;
+esac
+
+# ---------------------------------------------------------------- 9. loss benchmark
 BENCH_ARGS=${BENCH_ARGS:---quick}
 T=$(left 300 5)
 MAXS=$((T > 90 ? T - 60 : T / 2))
