@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from llm_fixtures import DEFAULT_CORPUS, tiny_tokenizer
 
 from llm2clip.models.text_embedder import (
     ATTN_IMPLEMENTATION,
@@ -79,22 +80,7 @@ def _maxdiff(a, b) -> float:
 
 def _tokenizer():
     """A WordLevel tokenizer trained on a few strings, with BOS added and offsets."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = [
-        "a dog runs on the grass", "a cat sleeps on a red sofa", "two people ride bikes near the sea",
-        "given a caption , retrieve a detailed relevant caption :", "summarize in one word",
-    ]  # fmt: skip
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
-    )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    return tiny_tokenizer(DEFAULT_CORPUS)
 
 
 # ---------------------------------------------------------------------------------------------
