@@ -113,17 +113,24 @@ def attention(
     if packed:
         # No varlen kernel here: re-pad to (n, max_seqlen) with a key padding mask. Cost grows with
         # n * max_seqlen^2, not total^2 as a block-diagonal mask over all tokens would.
-        n, total = cu_seqlens.numel() - 1, q.shape[0]
-        index, keep = repad_index(cu_seqlens, total, max_seqlen)
-
-        def pad(x: Tensor) -> Tensor:
-            padded = x.new_zeros(n * max_seqlen, *x.shape[1:]).index_copy(0, index, x)
-            return padded.view(n, max_seqlen, *x.shape[1:])
-
-        out = _padded(name, pad(q), pad(k), pad(v), causal, keep[:, None, None, :], scale, dropout_p)
-        return out.reshape(n * max_seqlen, *out.shape[2:])[index]
+        index, keep = repad_index(cu_seqlens, q.shape[0], max_seqlen)
+        qp, kp, vp = (pad_packed(x, index, keep.shape) for x in (q, k, v))
+        out = _padded(name, qp, kp, vp, causal, keep[:, None, None, :], scale, dropout_p)
+        return unpad_packed(out, index)
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :].to(torch.bool)
     return _padded(name, q, k, v, causal, mask, scale, dropout_p)
+
+
+def pad_packed(x: Tensor, index: Tensor, shape: tuple[int, int]) -> Tensor:
+    """(total, ...) packed tokens -> (n, max_seqlen, ...) zero-padded, with index from repad_index."""
+    n, max_seqlen = shape
+    padded = x.new_zeros(n * max_seqlen, *x.shape[1:]).index_copy(0, index, x)
+    return padded.view(n, max_seqlen, *x.shape[1:])
+
+
+def unpad_packed(x: Tensor, index: Tensor) -> Tensor:
+    """(n, max_seqlen, ...) -> the (total, ...) packed tokens: the inverse of pad_packed."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])[index]
 
 
 def _repeat_kv(k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llm2clip.models.attention import BACKENDS, attention, repad_index, select_backend
+from llm2clip.models.attention import BACKENDS, attention, pad_packed, repad_index, unpad_packed
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ POOLING_MODES = ("mean", "weighted_mean", "last_token")
 PACKED_ATTENTION = ("auto", "varlen", "repad")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_VARLEN_BACKENDS = ("flash_attn", "xformers")  # backends with a real varlen kernel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,30 +126,18 @@ def packed_attention(
 ) -> Tensor:
     """Attention within each packed sequence: q (T, heads, hd), k, v (T, kv_heads, hd) -> (T, heads, hd).
 
-    mode 'varlen': the selector's packed layout (cu_seqlens). 'repad': scatter into
+    mode 'varlen' / 'auto': the selector's packed layout (cu_seqlens): flash-attn's or xformers'
+    varlen kernel where present, else the selector re-pads. 'repad': always re-pad here to
     (n, max_seqlen, heads, hd) and run the selector's padded layout with a key padding mask.
-    'auto': varlen when the selected backend has a varlen kernel (flash-attn, xformers), else repad.
     """
     if mode not in PACKED_ATTENTION:
         raise ValueError(f"packed attention mode {mode!r} not in {PACKED_ATTENTION}")
-    if mode == "auto":
-        name = select_backend(backend, q.device, q.dtype)
-        mode = "varlen" if name in _VARLEN_BACKENDS else "repad"
     kw = dict(causal=causal, scale=scale, dropout_p=dropout_p, backend=backend)
-    if mode == "varlen":
+    if mode != "repad":
         return attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **kw)
-    n, total = cu_seqlens.numel() - 1, q.shape[0]
-    index, mask = repad_index(cu_seqlens, total, max_seqlen)
-
-    def pad(x: Tensor) -> Tensor:
-        return (
-            x.new_zeros(n * max_seqlen, *x.shape[1:])
-            .index_copy(0, index, x)
-            .view(n, max_seqlen, *x.shape[1:])
-        )
-
-    out = attention(pad(q), pad(k), pad(v), key_padding_mask=mask, **kw)
-    return out.reshape(n * max_seqlen, *out.shape[2:])[index]
+    index, mask = repad_index(cu_seqlens, q.shape[0], max_seqlen)
+    out = attention(*(pad_packed(x, index, mask.shape) for x in (q, k, v)), key_padding_mask=mask, **kw)
+    return unpad_packed(out, index)
 
 
 def _hf_attention(module, query, key, value, attention_mask, *, causal, scaling, dropout, kwargs):
