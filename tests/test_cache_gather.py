@@ -132,7 +132,7 @@ def test_missing_extension_module_falls_back(fresh_ext, monkeypatch):
     assert torch.equal(out, gather_rows(table, scales, torch.tensor([3, 0]), 8, 3, backend="torch"))
 
 
-def _fake_ext(available: bool, supports=None):
+def _fake_ext(available: bool, supports=lambda *a: True):
     mod = types.ModuleType("llm2clip.cache._ext")
     mod.__file__ = "<fake _ext>"
     mod.AVAILABLE = available
@@ -144,8 +144,7 @@ def _fake_ext(available: bool, supports=None):
         return gather_mod.gather_rows_torch(table_u8, scales, index, dim, storage_code, out_dtype)
 
     mod.gather_rows = ext_gather
-    if supports is not None:
-        mod.supports = supports
+    mod.supports = supports
     return mod
 
 
@@ -160,16 +159,6 @@ def test_selector_uses_available_extension(fresh_ext, monkeypatch):
     assert fake.calls == 1
     assert torch.equal(out, gather_rows(table, scales, idx, 16, 4, backend="torch"))
     assert available_backends() == ["torch", "ext"]
-
-
-def test_selector_default_rule_needs_cuda_index(fresh_ext, monkeypatch):
-    fake = _fake_ext(True)  # no supports(): "auto" uses it only for CUDA indices
-    _install(monkeypatch, fake)
-    table, scales = _table("bf16", 6, 16)
-    gather_rows(table, scales, torch.tensor([1]), 16, 1)
-    assert fake.calls == 0
-    gather_rows(table, scales, torch.tensor([1]), 16, 1, backend="ext")
-    assert fake.calls == 1
 
 
 def test_selector_forced_ext_refuses_unsupported_arguments(fresh_ext, monkeypatch):

@@ -83,13 +83,6 @@ def _check_args(table_u8, scales, index, dim, storage_code, out_dtype):
     return st
 
 
-def _ext_applies(ext, table_u8, scales, index, dim, storage_code, out_dtype) -> bool:
-    supports = getattr(ext, "supports", None)
-    if callable(supports):
-        return bool(supports(table_u8, scales, index, dim, storage_code, out_dtype))
-    return index.device.type == "cuda"
-
-
 def gather_rows(
     table_u8: torch.Tensor,
     scales: torch.Tensor | None,
@@ -126,15 +119,13 @@ def gather_rows(
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        elif _ext_applies(ext, table_u8, scales, index, dim, storage_code, out_dtype):
+        elif ext.supports(table_u8, scales, index, dim, storage_code, out_dtype):
             return ext.gather_rows(table_u8, scales, index, int(dim), int(storage_code), out_dtype)
         elif backend == "ext":
-            if callable(getattr(ext, "supports", None)):
-                raise ValueError(
-                    f"backend='ext': the extension does not support these arguments (devices "
-                    f"{table_u8.device}/{index.device}, storage {storage_code}, out_dtype {out_dtype})"
-                )
-            return ext.gather_rows(table_u8, scales, index, int(dim), int(storage_code), out_dtype)
+            raise ValueError(
+                f"backend='ext': the extension does not support these arguments (devices "
+                f"{table_u8.device}/{index.device}, storage {storage_code}, out_dtype {out_dtype})"
+            )
     return gather_rows_torch(table_u8, scales, index, dim, storage_code, out_dtype)
 
 
