@@ -299,8 +299,8 @@ def _distributed(
             group_ids = group_ids.to(image.device).long()
     except (ValueError, TypeError, RuntimeError) as e:
         error = e
-    local = _local_meta(image, text, scale, bias, positive_index, group_ids, sigmoid, error)
     if batch_sizes is None:
+        local = _local_meta(image, text, scale, bias, positive_index, group_ids, sigmoid, error)
         meta = _exchange_meta(local, group)
         _check_meta(meta, rank, error, group)
     else:
