@@ -101,6 +101,7 @@ def contrastive_backward(
     chunk_size: int = 0,
     autocast: contextlib.AbstractContextManager | None = None,
     sync: Callable[[bool], contextlib.AbstractContextManager] | None = None,
+    image_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Any]]:
     """Forward + backward of one contrastive step; parameter gradients accumulate into ``.grad``.
 
@@ -108,13 +109,16 @@ def contrastive_backward(
         model: ``model(images, text_embeddings) -> (image_feats (n, D), text_feats (n, D),
             logit_scale (0-d, the multiplier), logit_bias (0-d) or None)``: a ClipModel, or one
             wrapped by DDP / FSDP2.
-        images: (n, 3, H, W) normalised images on the model's device.
+        images: (n, 3, H, W) images: normalised, on the model's device, unless image_fn prepares them.
         text_embeddings: (n, d_llm) cached LLM embeddings, row i the caption of image i.
         loss_fn: (image_feats, text_feats, scale, bias) -> () loss (the distributed losses take
             every rank's batch into account; this function only sees the local one).
         chunk_size: images per chunk of the gradient cache; 0 (or >= n): one pass with autograd.
         autocast: context for the forwards (bf16 autocast on CUDA); None: none.
         sync: ``sync(enabled)`` context, see :func:`grad_sync_context`; None: no-op.
+        image_fn: applied to each chunk of ``images`` before the model (e.g. host uint8 -> device,
+            normalised): the batch may then stay in (pinned) host memory, only a chunk at a time
+            on the device. None: images are used as given.
 
     Returns:
         (the loss, detached; {"chunks": k}).
@@ -123,18 +127,19 @@ def contrastive_backward(
     if text_embeddings.shape[0] != n:
         raise ValueError(f"{n} images but {text_embeddings.shape[0]} text embeddings")
     autocast = autocast if autocast is not None else contextlib.nullcontext()
+    image_fn = image_fn if image_fn is not None else (lambda x: x)
     sync = sync if sync is not None else (lambda enabled: contextlib.nullcontext())
     k = num_chunks(n, chunk_size)
     if k == 1:
         with sync(True):
             with autocast:
-                feats = model(images, text_embeddings)
+                feats = model(image_fn(images), text_embeddings)
                 loss = loss_fn(*feats)
             loss.backward()
         return loss.detach(), {"chunks": 1}
 
     bounds = [(i, min(n, i + chunk_size)) for i in range(0, n, chunk_size)]
-    device = images.device
+    device = text_embeddings.device
 
     # Pass 1: features without autograd state; RNG recorded per chunk, BatchNorm stats restored.
     states, img_parts, txt_parts = [], [], []
@@ -143,7 +148,7 @@ def contrastive_backward(
         for a, b in bounds:
             states.append(_rng_state(device))
             with autocast:
-                fi, ft, scale, bias = model(images[a:b], text_embeddings[a:b])
+                fi, ft, scale, bias = model(image_fn(images[a:b]), text_embeddings[a:b])
             img_parts.append(fi)
             txt_parts.append(ft)
     with torch.no_grad():
@@ -171,7 +176,7 @@ def contrastive_backward(
         _set_rng_state(states[c], device)
         with sync(c == k - 1):
             with autocast:
-                fi, ft, scale, bias = model(images[a:b], text_embeddings[a:b])
+                fi, ft, scale, bias = model(image_fn(images[a:b]), text_embeddings[a:b])
             outs, grads = [fi, ft, scale], [g_img[a:b], g_txt[a:b]]
             grads.append(g_scale if c == 0 else torch.zeros_like(g_scale))
             if bias is not None:

@@ -100,3 +100,20 @@ def test_bad_inputs():
     model = _vit_model("infonce")
     with pytest.raises(ValueError, match="3 images but 2 text"):
         contrastive_backward(model, torch.randn(3, 3, 16, 16), torch.randn(2, D_LLM), plain_infonce_loss)
+
+
+def test_image_fn_prepares_each_chunk():
+    """uint8 host images prepared chunk by chunk give the gradients of pre-normalised ones."""
+    torch.manual_seed(0)
+    model = _vit_model("infonce")
+    raw = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8)
+    prep = lambda x: (x.float() / 255 - 0.5) / 0.25
+    text = torch.randn(10, D_LLM)
+    seen = []
+    fn = lambda x: seen.append(x.shape[0]) or prep(x)
+    _, want, _ = _run(model, prep(raw), text, plain_infonce_loss, 0)
+    model.zero_grad(set_to_none=True)
+    contrastive_backward(model, raw, text, plain_infonce_loss, chunk_size=4, image_fn=fn)
+    assert seen == [4, 4, 2, 4, 4, 2]  # pass 1 and pass 3, one chunk at a time
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, want[name], rtol=1e-4, atol=1e-6)
