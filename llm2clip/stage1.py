@@ -43,10 +43,9 @@ import os
 import random
 import sys
 import time
-import typing
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -73,12 +72,14 @@ from llm2clip.train_utils import (
     atomic_save,
     atomic_write_json,
     capture_rng,
+    config_field,
     init_distributed,
     lr_schedule,
     print0,
     restore_rng,
     seed_everything,
 )
+from llm2clip.train_utils import build_parser as build_parser_from
 
 CHECKPOINT_FORMAT = 1
 LOSS_BACKENDS = ("auto", "triton", "torch")
@@ -86,11 +87,7 @@ LOSS_BACKENDS = ("auto", "triton", "torch")
 _RESUME_MUST_MATCH = ("model", "instruction", "pooling", "max_length", "lora_r", "lora_alpha", "lora_targets")
 
 
-def _f(default, help: str, **kw):
-    """A dataclass field carrying its CLI help (the parser is generated from the fields)."""
-    if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda: tuple(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+_f = config_field
 
 
 @dataclass
@@ -222,27 +219,11 @@ class Stage1Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    return build_parser_from(
+        Stage1Config,
         prog="python -m llm2clip.stage1",
         description="Stage 1 of LLM2CLIP: caption-contrastive LoRA fine-tuning of a bidirectional LLM.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    hints = typing.get_type_hints(Stage1Config)
-    for f in dataclasses.fields(Stage1Config):
-        meta, kind = dict(f.metadata), hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = {"help": meta.pop("help"), "default": default, **meta}
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is tuple:
-            kw.update(nargs="+" if default else "*", type=str)
-        elif kind in (int, float, str):
-            kw["type"] = kind
-        else:  # Optional[str]
-            kw["type"] = str
-        p.add_argument(flag, **kw)
-    return p
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> Stage1Config:

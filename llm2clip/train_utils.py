@@ -9,6 +9,7 @@ checkpoint files, the LR schedule, a progress bar with a plain fallback, gradien
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -16,7 +17,8 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as torch_dist
@@ -28,7 +30,9 @@ __all__ = [
     "all_reduce_mean",
     "atomic_save",
     "atomic_write_json",
+    "build_parser",
     "capture_rng",
+    "config_field",
     "init_distributed",
     "lr_factor",
     "lr_schedule",
@@ -109,6 +113,43 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs -> CLIs
+
+
+def config_field(default, help: str, **kw):
+    """A dataclass field carrying its CLI help (and extra argparse keywords such as nargs / const);
+    :func:`build_parser` turns every such field into one flag."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def build_parser(config_cls, prog: str, description: str) -> argparse.ArgumentParser:
+    """One ``--flag-name`` per dataclass field (bool: --x / --no-x; tuple: nargs; int, float, str,
+    and Optional of those: typed), with the field's help and default."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        meta, kind = dict(f.metadata), hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = {"help": meta.pop("help"), "default": default, **meta}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            kw.update(nargs="+" if default else "*", type=str)
+        elif kind in (int, float, str):
+            kw["type"] = kind
+        else:  # Optional[...]: the first non-None member
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            kw["type"] = args[0] if args and args[0] in (int, float, str) else str
+        p.add_argument(flag, **kw)
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
