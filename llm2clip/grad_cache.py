@@ -51,20 +51,24 @@ def num_chunks(n: int, chunk_size: int) -> int:
 def grad_sync_context(model: nn.Module) -> Callable[[bool], contextlib.AbstractContextManager]:
     """sync(enabled) -> context manager: gradient all-reduce on (True) or deferred (False).
 
-    DistributedDataParallel: ``no_sync()``; FSDP2 (``fully_shard``): ``set_requires_gradient_sync``;
+    DistributedDataParallel: ``no_sync()``; FSDP2 (``fully_shard``, on the model or any of its
+    submodules): ``set_requires_gradient_sync`` on each;
     anything else: a no-op (single process, or gradients averaged by the caller).
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return lambda enabled: contextlib.nullcontext() if enabled else model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):
+    sharded = [m for m in model.modules() if hasattr(m, "set_requires_gradient_sync")]
+    if sharded:  # FSDP2 modules anywhere in the tree (the root may be a plain module)
 
         @contextlib.contextmanager
         def fsdp_sync(enabled: bool) -> Iterator[None]:
-            model.set_requires_gradient_sync(enabled)
+            for m in sharded:
+                m.set_requires_gradient_sync(enabled, recurse=False)
             try:
                 yield
             finally:
-                model.set_requires_gradient_sync(True)
+                for m in sharded:
+                    m.set_requires_gradient_sync(True, recurse=False)
 
         return fsdp_sync
     return lambda enabled: contextlib.nullcontext()

@@ -178,15 +178,17 @@ class ClipModel(nn.Module):
     def plain_state_dict(self) -> dict[str, Tensor]:
         return plain_state_dict(self.state_dict())
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write model.safetensors (plain names) and config.json into the directory `path`."""
+    def save(self, path: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write model.safetensors (plain names) and config.json into the directory `path`.
+
+        state_dict: the full weights to write instead of this module's own (a sharded (FSDP)
+        model's, gathered by the caller)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.plain_state_dict().items()
-        }
+        state = plain_state_dict(state_dict) if state_dict is not None else self.plain_state_dict()
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
         meta = {"format_version": str(FORMAT_VERSION)}
         tmp = path / (WEIGHTS_NAME + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)

@@ -1,0 +1,254 @@
+"""The stage-2 trainer (llm2clip/train.py) end to end on the CPU: tiny shards, a tiny cache
+(tests/train_fixtures.py), a tiny ViT.
+
+Single-process runs go through ``main(argv)`` in this process; multi-rank runs and the SIGKILL
+test start ``torch.distributed.run`` / ``python -m llm2clip.train`` subprocesses (gloo).
+Loss-curve comparisons (fused vs plain, gradient cache vs one pass, resumed vs uninterrupted) use
+a float32 tolerance scaled by the loss: the runs differ only in summation order, which after a few
+AdamW steps moves the loss by ~1e-6 relative; 1e-4 leaves room and still fails on any real
+difference (a wrong gradient changes the second step's loss at the 1e-2 level).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm2clip.cache import StaleCacheError
+from llm2clip.models.clip_model import ClipModel
+from llm2clip.train import KILL_ENV, checkpoint_dirs, main, parse_config
+from tests.train_fixtures import TINY_VIT, make_data
+
+REPO = Path(__file__).resolve().parent.parent
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    shards, cache = make_data(root / "data")
+    held, held_cache = make_data(root / "held", shards=1, per_shard=8, prefix="held", seed=1)
+    return {"root": root, "shards": str(root / "data" / "train-{0000..0003}.tar"), "cache": str(cache),
+            "held": held[0], "held_cache": str(held_cache)}  # fmt: skip
+
+
+def args(data, out, *extra) -> list[str]:
+    return [
+        "--train-shards", data["shards"], "--cache", data["cache"], "--vision", "B/16",
+        "--vision-overrides", TINY_VIT, "--embed-dim", "16", "--adapter-depth", "1", "--batch-size", "8",
+        "--steps", "4", "--workers", "0", "--output-dir", str(out), "--device", "cpu", "--lr", "1e-3",
+        "--warmup-steps", "1", "--log-every", "1", "--loss-backend", "torch", *extra,
+    ]  # fmt: skip
+
+
+def losses(out: Path) -> list[float]:
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
+
+
+def assert_same_curve(a: list[float], b: list[float]) -> None:
+    print("curves", a, b)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert abs(x - y) <= RTOL * abs(y), (a, b)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, argv: list[str], env_extra: dict | None = None, timeout: int = 300):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={_free_port()}", "-m", "llm2clip.train", *argv]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_single_process_run_outputs(data, tmp_path):
+    out = tmp_path / "run"
+    extra = ["--fused-loss", "--checkpoint-every", "1", "--keep-last", "2", "--eval-shards", data["held"],
+             "--eval-fields", "short=txt", "--eval-cache", data["held_cache"]]  # fmt: skip
+    metrics = main(args(data, out, *extra))
+    assert metrics["finished"] and metrics["step"] == 4 and len(metrics["losses"]) == 4
+    config = json.loads((out / "config.json").read_text())
+    assert config["fused_loss"] and config["cache_spec"]["model_id"] == "test/tiny-llm"
+    assert config["fields"] == ["short", "dense"]  # from the cache's extract_summary.json
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert {"lr", "logit_scale", "samples_per_s", "epoch", "grad_norm"} <= set(r)
+        assert 0 < r["logit_scale"] <= 100
+    assert steps[0]["lr"] == pytest.approx(1e-3) and steps[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    evals = [r for r in log if "eval" in r]
+    assert len(evals) == 1 and evals[0]["eval"]["retrieval"]["N"] == 8
+    assert metrics["eval"]["retrieval"]["i2t_R@1"] >= 0
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_00000003", "step_00000004"]  # keep-last 2
+    model = ClipModel.load(out / "final")
+    last = ClipModel.load(out / "checkpoints" / "step_00000004")
+    for (n, a), (_, b) in zip(model.state_dict().items(), last.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert 0.0 <= float(model.logit_scale.detach()) <= model.config.max_logit_scale
+    if any((out / "tensorboard").glob("events.*")):
+        pass  # written when tensorboard is installed
+    else:
+        pytest.importorskip("tensorboard", reason="TensorBoard logging needs the tensorboard package")
+        raise AssertionError("tensorboard is installed but no event file was written")
+
+
+@pytest.mark.parametrize("loss", ["infonce", "sigmoid"])
+def test_fused_and_plain_loss_give_the_same_curve(data, tmp_path, loss):
+    main(args(data, tmp_path / "fused", "--fused-loss", "--loss", loss))
+    main(args(data, tmp_path / "plain", "--no-fused-loss", "--loss", loss))
+    assert_same_curve(losses(tmp_path / "fused"), losses(tmp_path / "plain"))
+
+
+def test_gradient_cache_gives_the_same_curve(data, tmp_path):
+    main(args(data, tmp_path / "one", "--fused-loss"))
+    main(args(data, tmp_path / "chunked", "--fused-loss", "--chunk-size", "3", "--grad-checkpointing"))
+    assert_same_curve(losses(tmp_path / "chunked"), losses(tmp_path / "one"))
+
+
+def test_worker_count_does_not_change_the_run(data, tmp_path):
+    main(args(data, tmp_path / "w0", "--fused-loss", "--steps", "3"))
+    main(args(data, tmp_path / "w2", "--fused-loss", "--steps", "3", "--workers", "2"))
+    assert losses(tmp_path / "w0") == losses(tmp_path / "w2")
+
+
+def test_resume_after_sigkill_continues_with_the_same_losses(data, tmp_path):
+    common = ["--fused-loss", "--steps", "5", "--checkpoint-every", "2"]
+    main(args(data, tmp_path / "ref", *common))
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), KILL_ENV: "3"}
+    proc = subprocess.run([sys.executable, "-m", "llm2clip.train", *args(data, out, *common)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_00000002"]
+    assert not (out / "final").exists()
+    metrics = main(args(data, out, *common, "--resume"))
+    assert metrics["finished"]
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert losses(out) == losses(tmp_path / "ref")  # same data, RNG and state: bitwise on the CPU
+
+
+def test_two_rank_gloo_run_fused_equals_plain(data, tmp_path):
+    for kind in ("fused", "plain"):
+        extra = ["--fused-loss" if kind == "fused" else "--no-fused-loss", "--batch-size", "4"]
+        if kind == "fused":
+            extra += ["--eval-shards", data["held"], "--eval-fields", "short=txt"]
+            extra += ["--eval-cache", data["held_cache"]]
+        proc = torchrun(2, args(data, tmp_path / kind, *extra))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "fused" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_batch"] == 8 and metrics["finished"]
+    assert metrics["eval"]["retrieval"]["N"] == 8
+    assert_same_curve(losses(tmp_path / "fused"), losses(tmp_path / "plain"))
+
+
+def test_two_rank_fsdp_run(data, tmp_path):
+    small = ["--fused-loss", "--batch-size", "4", "--steps", "2"]
+    proc = torchrun(2, args(data, tmp_path / "fsdp", *small, "--fsdp"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ClipModel.load(tmp_path / "fsdp" / "final") is not None
+    proc = torchrun(2, args(data, tmp_path / "ddp", *small))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_curve(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and faults
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    shards, cache = make_data(tmp_path / "data", corrupt=2, missing_rows=1)
+    data = {"shards": str(tmp_path / "data" / "train-{0000..0003}.tar"), "cache": str(cache)}
+    metrics = main(args(data, tmp_path / "ok", "--fused-loss", "--max-skipped-fraction", "0.5"))
+    skipped = metrics["skipped"]
+    assert (skipped["corrupt_image"], skipped["missing_row"]) == (2, 1)
+    assert skipped["by_shard"] == {"train-0000.tar": 3}
+    with pytest.raises(RuntimeError, match=r"3 of \d+ samples skipped.*train-0000.tar \(3\)"):
+        strict = ["--max-skipped-fraction", "0.01", "--skip-grace", "1"]
+        main(args(data, tmp_path / "strict", "--fused-loss", *strict))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    import llm2clip.train as train_mod
+
+    real = train_mod.make_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **kw):
+        fn = real(*a, **kw)
+
+        def loss_fn(*x):
+            calls["n"] += 1
+            value = fn(*x)
+            return value * float("nan") if calls["n"] == 3 else value
+
+        return loss_fn
+
+    monkeypatch.setattr(train_mod, "make_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(FloatingPointError, match="step 3: loss nan"):
+        main(args(data, out, "--fused-loss", "--checkpoint-every", "1"))
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_00000001", "step_00000002"]
+    assert not (out / "final").exists()
+    assert ClipModel.load(out / "checkpoints" / "step_00000002") is not None
+
+
+def test_mismatched_cache_is_refused_before_the_first_step(data, tmp_path):
+    out = tmp_path / "run"
+    main(args(data, out, "--fused-loss", "--steps", "2"))
+    _, other = make_data(tmp_path / "other", model_id="test/another-llm")
+    with pytest.raises(StaleCacheError, match="model_id"):
+        main(args({**data, "cache": str(other)}, out, "--fused-loss", "--steps", "4", "--resume"))
+    with pytest.raises(StaleCacheError, match="model_id"):
+        main(args(data, tmp_path / "e", "--eval-shards", data["held"], "--eval-cache", str(other)))
+    wider = {**data, "cache": _wider_cache(tmp_path)}
+    with pytest.raises(StaleCacheError, match="takes 24-d LLM embeddings, the cache .* holds 32-d"):
+        main(args(wider, tmp_path / "init", "--init-from", str(out / "final"), "--fields", "short"))
+
+
+def _wider_cache(tmp_path: Path) -> str:
+    from llm2clip.cache import PROBE_CAPTIONS, CacheWriter
+    from tests.train_fixtures import spec
+
+    path = tmp_path / "wider"
+    writer = CacheWriter(path, spec(dim=32), "fp32")
+    with writer.shard("train-0000.tar") as w:
+        w.add_batch(["00000"], "short", ["x"], torch.ones(1, 32))
+    writer.merge(torch.ones(len(PROBE_CAPTIONS), 32))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--vision", "X/99"], "not a ViT preset"),
+        (["--loss", "clip"], "--loss 'clip'"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--vision-overrides", "[1]"], "must be a JSON object"),
+        (["--zeroshot-shards", "x.tar"], "needs --classnames"),
+        (["--pretrained"], "apply to mobilenet_v2"),
+    ],
+)
+def test_bad_config_is_refused_with_a_message(data, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(args(data, tmp_path, *extra))
+
+
+def test_too_large_batch_is_refused(data, tmp_path):
+    with pytest.raises(ValueError, match="do not fill one global batch"):
+        main(args(data, tmp_path, "--batch-size", "64"))
