@@ -252,3 +252,26 @@ def test_bad_config_is_refused_with_a_message(data, tmp_path, extra, message):
 def test_too_large_batch_is_refused(data, tmp_path):
     with pytest.raises(ValueError, match="do not fill one global batch"):
         main(args(data, tmp_path, "--batch-size", "64"))
+
+
+def test_param_groups_layer_decay_and_no_weight_decay(data, tmp_path):
+    from llm2clip.train import build_model, param_groups
+
+    cfg = parse_config(
+        args(data, tmp_path, "--layer-decay", "0.5", "--adapter-lr", "7e-3", "--weight-decay", "0.1")
+    )
+    model = build_model(cfg, text_dim=24)
+    groups = param_groups(model, cfg)
+    where = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(where) == len(named)  # every trainable parameter exactly once
+    top = model.visual.config.depth + 1  # ViT.layer_id of the head
+    assert where[id(named["visual.blocks.1.attn.qkv.weight"])] == (1e-3 * 0.5 ** (top - 2), 0.1)
+    assert where[id(named["visual.blocks.0.attn.qkv.weight"])] == (1e-3 * 0.5 ** (top - 1), 0.1)
+    assert where[id(named["visual.patch_embed.weight"])][0] == 1e-3 * 0.5**top
+    assert where[id(named["visual.pos_embed"])][1] == 0.0  # embeddings: no weight decay
+    assert where[id(named["visual.blocks.0.attn.qkv.bias"])][1] == 0.0  # biases
+    assert where[id(named["visual_proj.weight"])] == (1e-3, 0.1)
+    assert where[id(named["logit_scale"])] == (1e-3, 0.0)
+    adapter = [n for n in named if n.startswith("adapter.") and named[n].ndim == 2]
+    assert adapter and all(where[id(named[n])] == (7e-3, 0.1) for n in adapter)
