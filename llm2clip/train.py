@@ -461,11 +461,15 @@ class CaptionRows:
 # Checkpoints
 
 
-def _model_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
-    """Full (unsharded, CPU) model and optimizer state dicts, plain parameter names."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def _model_state(model: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+    """Full (unsharded, CPU) model and optimizer state dicts, plain parameter names (the optimizer's
+    is None when no optimizer is given)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), None
+    return get_state_dict(model, optimizer, options=options)
 
 
 def _gather_object(obj, dist: DistInfo) -> list:
@@ -765,7 +769,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict:
             return
         eval_model = unwrapped
         if cfg.fsdp and dist.distributed:  # sharded: evaluate an unsharded copy on rank 0
-            state = _model_state(model, optimizer)[0]
+            state = _model_state(model)[0]
             eval_model = build_model(cfg, cache.dim) if dist.is_main else None
             if eval_model is not None:
                 eval_model.load_state_dict(state)
@@ -904,7 +908,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict:
         "wall_time_s": time.perf_counter() - t_start,
         "eval": eval_results,
     }
-    full_state = _model_state(model, optimizer)[0] if finished else None
+    full_state = _model_state(model)[0] if finished else None
     if dist.is_main:
         if finished:
             unwrapped.save(out / "final", state_dict=full_state)
