@@ -143,28 +143,36 @@ def test_resume_after_sigkill_continues_with_the_same_losses(data, tmp_path):
     assert losses(out) == losses(tmp_path / "ref")  # same data, RNG and state: bitwise on the CPU
 
 
-def test_two_rank_gloo_run_fused_equals_plain(data, tmp_path):
-    for kind in ("fused", "plain"):
-        extra = ["--fused-loss" if kind == "fused" else "--no-fused-loss", "--batch-size", "4"]
-        if kind == "fused":
-            extra += ["--eval-shards", data["held"], "--eval-fields", "short=txt"]
-            extra += ["--eval-cache", data["held_cache"]]
-        proc = torchrun(2, args(data, tmp_path / kind, *extra))
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "fused" / "metrics.json").read_text())
+@pytest.fixture(scope="module")
+def two_rank_runs(data, tmp_path_factory):
+    """Three 2-rank gloo runs of the same 4 steps: DDP fused (with evaluation), DDP plain, FSDP2."""
+    root = tmp_path_factory.mktemp("two_rank")
+    held = ["--eval-shards", data["held"], "--eval-fields", "short=txt", "--eval-cache", data["held_cache"]]
+    runs = {
+        "fused": ["--fused-loss", *held],
+        "plain": ["--no-fused-loss"],
+        "fsdp": ["--fused-loss", "--fsdp"],
+    }
+    for name, extra in runs.items():
+        proc = torchrun(2, args(data, root / name, "--batch-size", "4", *extra))
+        assert proc.returncode == 0, f"{name}:\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root
+
+
+def test_two_rank_gloo_run_fused_equals_plain(two_rank_runs):
+    metrics = json.loads((two_rank_runs / "fused" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_batch"] == 8 and metrics["finished"]
     assert metrics["eval"]["retrieval"]["N"] == 8
-    assert_same_curve(losses(tmp_path / "fused"), losses(tmp_path / "plain"))
+    assert_same_curve(losses(two_rank_runs / "fused"), losses(two_rank_runs / "plain"))
 
 
-def test_two_rank_fsdp_run(data, tmp_path):
-    small = ["--fused-loss", "--batch-size", "4", "--steps", "2"]
-    proc = torchrun(2, args(data, tmp_path / "fsdp", *small, "--fsdp"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert ClipModel.load(tmp_path / "fsdp" / "final") is not None
-    proc = torchrun(2, args(data, tmp_path / "ddp", *small))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_curve(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"))
+def test_two_rank_fsdp_equals_ddp(two_rank_runs):
+    assert_same_curve(losses(two_rank_runs / "fsdp"), losses(two_rank_runs / "fused"))
+    fsdp = ClipModel.load(two_rank_runs / "fsdp" / "final").state_dict()
+    ddp = ClipModel.load(two_rank_runs / "fused" / "final").state_dict()
+    assert fsdp.keys() == ddp.keys()
+    for name in fsdp:
+        torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------
