@@ -11,22 +11,24 @@
 # Meant for a GPU machine without network where torch and triton are preinstalled system-wide.
 # Every step runs under `timeout`; the whole script is budgeted to GPU_CHECK_BUDGET_S seconds
 # (default 580 s, inside the device tool's 10-minute command limit): install <= 150 s, tests <= 180 s,
-# simulated W <= 60 s, cache gather <= 50 s, attention <= 60 s, extraction <= 50 s, and the quick loss
-# sweep gets what is left (it stops starting cases in time). Exit status: 0 only if the install, the tests and every benchmark run succeeded;
+# simulated W <= 60 s, cache gather <= 50 s, attention <= 60 s, extraction <= 50 s, training step
+# <= 90 s (it keeps 60 s for the loss sweep), and the quick loss sweep gets what is left (it stops
+# starting cases in time). Exit status: 0 only if the install, the tests and every benchmark run succeeded;
 # the benchmarks run even when the tests fail.
 #
 # Writes into OUT_DIR:
 #   gpu_check.log   step log, nvidia-smi, versions, install output, summary
 #   pytest.log      the test run
 #   sim.log         the simulated-W run's stdout/stderr (per-rank work of an 8-GPU step, no comms)
-#   cache_gather.log, attention.log, extract.log, bench.log   the other benchmarks' stdout/stderr
-#   loss_throughput-*, cache_gather-*, attention_throughput-* .json / .png   rows and plots
+#   cache_gather.log, attention.log, extract.log, train.log, bench.log   the other benchmarks' stdout/stderr
+#   loss_throughput-*, cache_gather-*, attention_throughput-*, train_throughput-* .json / .png   rows and plots
 #
 # Optional: wheels placed in .whl/ at the repository root (for example inf_cl-*.whl, which has no
 # compiled parts) are installed with --no-index --no-deps into a temporary folder put on PYTHONPATH.
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, PYTEST_ARGS (default "-q tests"),
 # SIM_ARGS (default "--simulate-world 8 --batches 32768,131072 --dims 1024"; empty skips the step),
+# TRAIN_ARGS (bench/train_throughput.py, default "--quick"; empty skips the step),
 # BENCH_ARGS (extra arguments for bench/loss_throughput.py, default "--quick").
 
 set -u -o pipefail
@@ -201,6 +203,23 @@ case $rc in
     0) log "extraction benchmark done" ;;
     *) log "ERROR: extraction benchmark failed or timed out (exit $rc)"; FAILED+=("extract bench (exit $rc)") ;;
 esac
+
+# ---------------------------------------------------------------- 8b. stage-2 training step benchmark
+# ViT-B/16: the plain step searched to OOM, fused loss + gradient cache at 1k/4k/16k, the b=4096
+# loss/gather/data breakdown; it starts no case after 60 s, and keeps 60 s for the loss sweep.
+TRAIN_ARGS=${TRAIN_ARGS---quick}
+if [ -n "$TRAIN_ARGS" ]; then
+    T=$(left 90 60)
+    log "bench/train_throughput.py $TRAIN_ARGS (timeout ${T}s)"
+    # shellcheck disable=SC2086
+    timeout -k 10 "$T" "$PY" bench/train_throughput.py $TRAIN_ARGS --out "$OUT" 2>&1 | tee "$OUT/train.log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) log "training step benchmark done" ;;
+        124 | 130 | 137) log "ERROR: training step benchmark stopped by its time limit (partial rows are in the JSON)"; FAILED+=("train bench (timeout)") ;;
+        *) log "ERROR: training step benchmark failed (exit $rc)"; FAILED+=("train bench (exit $rc)") ;;
+    esac
+fi
 
 # ---------------------------------------------------------------- 9. loss benchmark
 BENCH_ARGS=${BENCH_ARGS:---quick}
