@@ -148,10 +148,12 @@ def two_rank_runs(data, tmp_path_factory):
     """Three 2-rank gloo runs of the same 4 steps: DDP fused (with evaluation), DDP plain, FSDP2."""
     root = tmp_path_factory.mktemp("two_rank")
     held = ["--eval-shards", data["held"], "--eval-fields", "short=txt", "--eval-cache", data["held_cache"]]
+    # The plain and FSDP2 runs also take the gradient-cache path (DDP no_sync / FSDP2 deferred sync).
+    chunked = ["--chunk-size", "3"]
     runs = {
         "fused": ["--fused-loss", *held],
-        "plain": ["--no-fused-loss"],
-        "fsdp": ["--fused-loss", "--fsdp"],
+        "plain": ["--no-fused-loss", *chunked],
+        "fsdp": ["--fused-loss", "--fsdp", *chunked],
     }
     for name, extra in runs.items():
         proc = torchrun(2, args(data, root / name, "--batch-size", "4", *extra))
