@@ -334,3 +334,26 @@ def matmul_rate(device: str, dtype, label: str) -> dict:
             ts.append(time.perf_counter() - t0)
         ms = statistics.median(ts) * 1e3
     return {"what": f"torch.mm {label} {n}^3", "ms": ms, "tflops": 2 * n**3 / (ms * 1e-3) / 1e12}
+
+
+# ----------------------------------------------------------------------------- CPU memory (Linux)
+
+
+def proc_status_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM, ...), None where unavailable."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    return None
+
+
+def reset_hwm() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

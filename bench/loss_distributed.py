@@ -206,12 +206,12 @@ def _step_peak(env: DistEnv, step) -> tuple[float | None, str]:
         return (torch.cuda.max_memory_allocated() - base) / 2**20, "max_memory_allocated - before"
     _malloc_trim()
     dist.barrier()
-    if not lt._reset_hwm() or lt._proc_status_kib("VmRSS") is None:
+    if not common.reset_hwm() or common.proc_status_kib("VmRSS") is None:
         step()
         return None, "no /proc/self/clear_refs: not measured"
-    rss0 = lt._proc_status_kib("VmRSS")
+    rss0 = common.proc_status_kib("VmRSS")
     step()
-    return (lt._proc_status_kib("VmHWM") - rss0) / 1024, "VmHWM (reset before the step) - VmRSS then"
+    return (common.proc_status_kib("VmHWM") - rss0) / 1024, "VmHWM (reset before the step) - VmRSS then"
 
 
 def _agree_max(env: DistEnv, x: float) -> float:

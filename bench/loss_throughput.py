@@ -243,27 +243,6 @@ def measure_gpu(fn, img, txt, scale, bias, leaves, args) -> dict:
 # ----------------------------------------------------------------------------- CPU measurement
 
 
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _cpu_child(spec_json: str) -> None:
     """One method at one size on CPU, in a fresh interpreter; prints one JSON line.
 
@@ -295,9 +274,9 @@ def _cpu_child(spec_json: str) -> None:
     leaves = [img, txt, scale, bias]
     out = {
         "maxrss_inputs_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,  # KiB on Linux
-        "hwm_inputs_kib": _proc_status_kib("VmHWM"),
-        "rss_inputs_kib": _proc_status_kib("VmRSS"),
-        "hwm_reset": _reset_hwm(),
+        "hwm_inputs_kib": common.proc_status_kib("VmHWM"),
+        "rss_inputs_kib": common.proc_status_kib("VmRSS"),
+        "hwm_reset": common.reset_hwm(),
     }
     fw, bw, fb = [], [], []
     while len(fb) < spec["repeats"] and (not fb or sum(fb) < spec["repeat_seconds"]):
@@ -308,7 +287,7 @@ def _cpu_child(spec_json: str) -> None:
         fb.append(t_fwd + t_bwd)
         if len(fb) == 1:
             out["maxrss_after_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            out["hwm_after_kib"] = _proc_status_kib("VmHWM")
+            out["hwm_after_kib"] = common.proc_status_kib("VmHWM")
             out["loss"] = float(loss.detach())
         loss = None
     out["timed_runs"] = len(fb)

@@ -279,24 +279,6 @@ def train_step(st, images, text, fused: bool, chunk: int):
 # ----------------------------------------------------------------------------- memory
 
 
-def _proc_kib(field: str) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 class PeakMemory:
     """CUDA: max_memory_allocated since start(); CPU: VmHWM minus VmRSS at start() (approximate)."""
 
@@ -311,7 +293,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = None
         else:
-            self.base = _proc_kib("VmRSS") if _reset_hwm() else None
+            self.base = common.proc_status_kib("VmRSS") if common.reset_hwm() else None
 
     def read(self) -> dict:
         import torch
@@ -322,7 +304,7 @@ class PeakMemory:
                 "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
                 "peak_source": "torch.cuda.max_memory_allocated",
             }
-        hwm = _proc_kib("VmHWM")
+        hwm = common.proc_status_kib("VmHWM")
         peak = None if self.base is None or hwm is None else max(0, hwm - self.base) / 2**20
         return {"peak_gib": peak, "peak_source": "VmHWM - VmRSS before the steps (CPU, approximate)"}
 
