@@ -1,0 +1,325 @@
+"""The demo's driver: every step is the project's real CLI, run as a subprocess and printed first.
+
+A step is (name, command, done-marker, log). ``run_step`` skips it when its marker exists (the file
+each tool writes last), else removes the step's stale outputs, prints the command, streams the
+child's output to the terminal and to ``<out>/logs/<name>.log``, and stops the demo naming the step
+and its log when the command fails. Wall times go to ``<out>/timings.json``; the report reads them.
+
+Sizes (``Preset``) are chosen for 2 CPU cores (measured in the report): small images, the LoRA on
+the LLM's top layers only (backward stops there, so a stage-1 step costs ~1.5 forwards instead of
+3), CRA on a fixed subset of held-out pairs, one caption field per image in the caches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from llm2clip.demo import report
+from llm2clip.train_utils import atomic_write_json
+
+
+class StepFailed(SystemExit):
+    """A step's command exited non-zero; the message names the step and its log."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How big each step is. ``full`` fits ~15 minutes on 2 CPU cores; ``quick`` is the CI run."""
+
+    name: str
+    limit: int  # images per source (0: all)
+    image_size: int
+    cra_pairs: int
+    zeroshot_per_class: int
+    stage1_steps: int
+    stage1_batch: int
+    stage1_lr: float
+    stage1_top_layers: int  # LoRA on the last N decoder layers
+    stage2_epochs: int
+    stage2_batch: int  # per rank
+    stage2_lr: float
+    stage2_adapter_lr: float
+    embed_dim: int
+    adapter_depth: int
+
+
+PRESETS = {
+    "full": Preset(
+        "full", limit=0, image_size=96, cra_pairs=200, zeroshot_per_class=50,
+        stage1_steps=60, stage1_batch=32, stage1_lr=1e-3, stage1_top_layers=6,
+        stage2_epochs=8, stage2_batch=64, stage2_lr=1e-3, stage2_adapter_lr=1e-3,
+        embed_dim=256, adapter_depth=2,
+    ),
+    "quick": Preset(
+        "quick", limit=150, image_size=96, cra_pairs=48, zeroshot_per_class=10,
+        stage1_steps=8, stage1_batch=16, stage1_lr=1e-3, stage1_top_layers=4,
+        stage2_epochs=6, stage2_batch=32, stage2_lr=1e-3, stage2_adapter_lr=1e-3,
+        embed_dim=128, adapter_depth=1,
+    ),
+}  # fmt: skip
+
+LORA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+SMOLLM2_LAYERS = 30
+
+
+@dataclass
+class Step:
+    name: str
+    title: str
+    cmd: list[str]
+    done: Path  # written last by the command: its presence means the step is complete
+    clean: Sequence[Path] = ()  # stale outputs removed before a (re)run
+    resumable: bool = False  # the command resumes in place (keep partial outputs)
+
+
+@dataclass
+class Demo:
+    out: Path
+    preset: Preset
+    source: str = "auto"
+    device: str = "auto"
+    force: bool = False
+    timings: dict = field(default_factory=dict)
+
+    # ---- paths
+
+    def p(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    # ---- running
+
+    def display(self, cmd: Sequence[str]) -> str:
+        """The command as a user would type it: this interpreter shown as `python`, paths relative."""
+        shown = ["python" if c == sys.executable else c for c in cmd]
+        if shown and shown[0].endswith("/torchrun"):
+            shown[0] = "torchrun"
+        return shlex.join(shown)
+
+    def run_step(self, step: Step) -> None:
+        log_path = self.p("logs", f"{step.name}.log")
+        record = self.timings.setdefault(step.name, {})
+        record.update(title=step.title, command=self.display(step.cmd), log=str(log_path))
+        if step.done.exists() and not self.force:
+            print(f"\n=== {step.title}: done already ({step.done}); skipped (--force to redo)", flush=True)
+            record["skipped"] = True
+            return
+        if not step.resumable or self.force:
+            for path in step.clean:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        print(f"\n=== {step.title}\n$ {self.display(step.cmd)}", flush=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        t0 = time.perf_counter()
+        with open(log_path, "wb") as log:
+            log.write(f"$ {shlex.join(step.cmd)}\n".encode())
+            proc = subprocess.Popen(step.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            # Raw chunks, not lines: progress bars redraw with '\r' and must show as they happen.
+            while chunk := proc.stdout.read1(65536):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                log.write(chunk)
+            rc = proc.wait()
+        seconds = time.perf_counter() - t0
+        record.update(seconds=round(seconds, 1), skipped=False, returncode=rc)
+        self.save_timings()
+        if rc != 0:
+            raise StepFailed(f"\ndemo stopped: step '{step.title}' failed (exit code {rc}); log: {log_path}")
+        if not step.done.exists():
+            raise StepFailed(
+                f"\ndemo stopped: step '{step.title}' did not write {step.done}; log: {log_path}"
+            )
+        print(f"--- {step.title}: {seconds:.1f} s", flush=True)
+
+    def save_timings(self) -> None:
+        atomic_write_json(self.timings, self.p("timings.json"))
+
+    # ---- the steps
+
+    def py(self, module: str, *args) -> list[str]:
+        return [sys.executable, "-m", module, *map(str, args)]
+
+    def torchrun(self, module: str, *args) -> list[str]:
+        nproc = torch.cuda.device_count() if self.device != "cpu" and torch.cuda.is_available() else 2
+        exe = Path(sys.executable).with_name("torchrun")
+        head = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+        # --standalone: a free rendezvous port, so the demo never collides with another torchrun job.
+        return [*head, "--standalone", f"--nproc_per_node={max(nproc, 1)}", "-m", module, *map(str, args)]
+
+    def steps(self, setup: dict) -> list[Step]:
+        pr, p = self.preset, self.p
+        data, zs, llm = p("data"), p("zeroshot"), p("llm")
+        train_shards, heldout_shards = data / "train", data / "heldout"
+        top = range(SMOLLM2_LAYERS - pr.stage1_top_layers, SMOLLM2_LAYERS)
+        targets = [f"layers.{i}.{m}" for i in top for m in LORA_PROJECTIONS]
+        steps = [
+            Step(
+                "data",
+                "Build image-caption shards (train / held-out, split by caption)",
+                self.py(
+                    "llm2clip.demo.datasets",
+                    "pairs",
+                    "--out",
+                    data,
+                    "--source",
+                    self.source,
+                    "--image-size",
+                    pr.image_size,
+                    "--limit",
+                    pr.limit,
+                    "--cra-pairs",
+                    pr.cra_pairs,
+                ),
+                data / "summary.json",
+                clean=[data],
+            ),
+            Step(
+                "llm",
+                "Convert the SmolLM2-135M GGUF to a local transformers model (once)",
+                self.py("llm2clip.demo.assets", "convert-llm", "--out", llm),
+                llm / "conversion.json",
+                clean=[llm],
+            ),
+            Step(
+                "stage1",
+                "Stage 1: caption-contrastive LoRA fine-tuning of the LLM (CRA before / after)",
+                self.py(
+                    "llm2clip.stage1",
+                    "--model",
+                    llm,
+                    "--output-dir",
+                    p("stage1"),
+                    "--shards",
+                    train_shards,
+                    "--field-a",
+                    "txt",
+                    "--field-b",
+                    "json:alt",
+                    "--eval-jsonl",
+                    data / "cra_pairs.jsonl",
+                    "--batch-size",
+                    pr.stage1_batch,
+                    "--steps",
+                    pr.stage1_steps,
+                    "--warmup-steps",
+                    max(1, pr.stage1_steps // 10),
+                    "--lr",
+                    pr.stage1_lr,
+                    "--checkpoint-every",
+                    0,
+                    "--log-every",
+                    5,
+                    "--device",
+                    self.device,
+                    "--lora-targets",
+                    *targets,
+                ),
+                p("stage1", "metrics.json"),
+                clean=[p("stage1")],
+            ),
+        ]
+        for run, adapter in (("stage1_llm", ["--adapter", p("stage1", "adapter")]), ("raw_llm", [])):
+            cache = p("cache", run)
+            steps.append(Step(
+                f"extract_{run}", f"Extract caption embeddings ({'stage-1' if adapter else 'raw'} LLM)",
+                self.py("llm2clip.extract", "--shards", train_shards, heldout_shards, "--out", cache,
+                        "--model", llm, *adapter, "--fields", "short=txt", "--device", self.device),
+                cache / "extract_summary.json", clean=[cache], resumable=True,
+            ))  # fmt: skip
+        for run in ("stage1_llm", "raw_llm"):
+            cache, run_dir = p("cache", run), p("stage2", run)
+            steps.append(Step(
+                f"train_{run}", f"Stage 2: MobileNetV2 + adapter on the {run.replace('_', ' ')} embeddings",
+                self.torchrun(
+                    "llm2clip.train", "--fused-loss", "--train-shards", train_shards, "--cache", cache,
+                    "--fields", "short", "--vision", "mobilenet_v2", "--pretrained",
+                    "--image-size", pr.image_size, "--embed-dim", pr.embed_dim,
+                    "--adapter-depth", pr.adapter_depth, "--loss", "infonce",
+                    "--batch-size", pr.stage2_batch, "--epochs", pr.stage2_epochs,
+                    "--lr", pr.stage2_lr, "--adapter-lr", pr.stage2_adapter_lr, "--warmup-steps", 10,
+                    "--workers", 1, "--seed", 0, "--log-every", 5, "--checkpoint-every", 0,
+                    "--eval-shards", heldout_shards, "--eval-fields", "short=txt", "--eval-cache", cache,
+                    "--device", self.device, "--output-dir", run_dir,
+                ),
+                run_dir / "metrics.json", clean=[run_dir],
+            ))  # fmt: skip
+        for run in ("stage1_llm", "raw_llm"):
+            cache, result = p("cache", run), p("eval", f"{run}.json")
+            zeroshot = []
+            if setup.get("zeroshot"):
+                zeroshot = ["--zeroshot-shards", zs / "shards", "--classnames", zs / "classnames.txt",
+                            "--templates", zs / "templates.json"]  # fmt: skip
+            steps.append(Step(
+                f"eval_{run}", f"Evaluate the {run.replace('_', ' ')} model (held-out retrieval, zero-shot)",
+                self.py("llm2clip.eval", "--checkpoint", p("stage2", run, "final"),
+                        "--retrieval-shards", heldout_shards, "--retrieval-fields", "short=txt",
+                        "--eval-cache", cache, "--embed-like", cache, *zeroshot,
+                        "--device", self.device, "--out", result),
+                result, clean=[result],
+            ))  # fmt: skip
+        if setup.get("zeroshot"):
+            steps.insert(1, Step(
+                "zeroshot_data", "Build Fashion-MNIST zero-shot shards, class names and templates",
+                self.py("llm2clip.demo.datasets", "fashion-mnist", "--out", zs,
+                        "--per-class", pr.zeroshot_per_class, "--image-size", pr.image_size),
+                zs / "summary.json", clean=[zs],
+            ))  # fmt: skip
+        return steps
+
+
+def check_mode(out: Path, preset: Preset, source: str, force: bool) -> None:
+    """Outputs of one preset are never silently reused by another (a --quick run's stage 1 in a full
+    report, say): the first run records its settings; a different one needs --force or another --out."""
+    path = out / "demo_config.json"
+    current = {"preset": asdict(preset), "source": source}
+    if path.is_file() and not force:
+        previous = json.loads(path.read_text())
+        if previous != current:
+            raise SystemExit(
+                f"{out} holds a demo run with other settings ({previous['preset']['name']}, source "
+                f"{previous['source']}); use another --out or add --force to redo every step"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(current, path)
+
+
+def run(out: Path, quick: bool, source: str, device: str, force: bool) -> dict:
+    preset = PRESETS["quick" if quick else "full"]
+    check_mode(out, preset, source, force)
+    demo = Demo(out, preset, source, device, force)
+    timings_path = out / "timings.json"
+    if timings_path.is_file() and not force:
+        demo.timings = json.loads(timings_path.read_text())
+    t0 = time.perf_counter()
+    # Setup runs every time (it is idempotent and fast when everything is there) and decides the
+    # sources: auto falls back to the emoji when Tux Paint can't be installed.
+    setup_step = Step(
+        "setup", "Set up the offline assets (Debian packages, weight wheels)",
+        demo.py("llm2clip.demo.assets", "setup", "--source", source, "--out", out / "setup.json"),
+        out / "setup.json", clean=[out / "setup.json"],
+    )  # fmt: skip
+    force, demo.force = demo.force, True
+    demo.run_step(setup_step)
+    demo.force = force
+    setup = json.loads((out / "setup.json").read_text())
+    if source == "auto" and setup["sources"] == ["emoji"]:
+        demo.source = "emoji"
+    for step in demo.steps(setup):
+        demo.run_step(step)
+    demo.timings["_total"] = {"seconds": round(time.perf_counter() - t0, 1)}
+    demo.save_timings()
+    summary = report.write_report(out, demo.timings, preset_name=preset.name)
+    print(f"\n{report.summary_table(summary)}\nreport: {out / 'report.md'}", flush=True)
+    return summary
