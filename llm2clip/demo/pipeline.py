@@ -56,15 +56,15 @@ class Preset:
 
 PRESETS = {
     "full": Preset(
-        "full", limit=0, image_size=96, cra_pairs=200, zeroshot_per_class=50,
-        stage1_steps=60, stage1_batch=32, stage1_lr=1e-3, stage1_top_layers=6,
-        stage2_epochs=8, stage2_batch=64, stage2_lr=1e-3, stage2_adapter_lr=1e-3,
+        "full", limit=0, image_size=96, cra_pairs=128, zeroshot_per_class=50,
+        stage1_steps=40, stage1_batch=32, stage1_lr=3e-3, stage1_top_layers=6,
+        stage2_epochs=6, stage2_batch=64, stage2_lr=2e-3, stage2_adapter_lr=2e-3,
         embed_dim=256, adapter_depth=2,
     ),
     "quick": Preset(
-        "quick", limit=150, image_size=96, cra_pairs=48, zeroshot_per_class=10,
-        stage1_steps=8, stage1_batch=16, stage1_lr=1e-3, stage1_top_layers=4,
-        stage2_epochs=6, stage2_batch=32, stage2_lr=1e-3, stage2_adapter_lr=1e-3,
+        "quick", limit=200, image_size=96, cra_pairs=48, zeroshot_per_class=10,
+        stage1_steps=8, stage1_batch=16, stage1_lr=3e-3, stage1_top_layers=4,
+        stage2_epochs=8, stage2_batch=32, stage2_lr=2e-3, stage2_adapter_lr=2e-3,
         embed_dim=128, adapter_depth=1,
     ),
 }  # fmt: skip
@@ -148,11 +148,20 @@ class Demo:
 
     # ---- the steps
 
+    @property
+    def on_cpu(self) -> bool:
+        return self.device == "cpu" or not torch.cuda.is_available()
+
+    @property
+    def llm_dtype(self) -> str:
+        # extract defaults to bf16, which CPUs without bf16 matmul units run ~4x slower than fp32.
+        return "float32" if self.on_cpu else "bfloat16"
+
     def py(self, module: str, *args) -> list[str]:
         return [sys.executable, "-m", module, *map(str, args)]
 
     def torchrun(self, module: str, *args) -> list[str]:
-        nproc = torch.cuda.device_count() if self.device != "cpu" and torch.cuda.is_available() else 2
+        nproc = 2 if self.on_cpu else torch.cuda.device_count()
         exe = Path(sys.executable).with_name("torchrun")
         head = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
         # --standalone: a free rendezvous port, so the demo never collides with another torchrun job.
@@ -235,16 +244,21 @@ class Demo:
             steps.append(Step(
                 f"extract_{run}", f"Extract caption embeddings ({'stage-1' if adapter else 'raw'} LLM)",
                 self.py("llm2clip.extract", "--shards", train_shards, heldout_shards, "--out", cache,
-                        "--model", llm, *adapter, "--fields", "short=txt", "--device", self.device),
+                        "--model", llm, *adapter, "--fields", "short=txt", "--dtype", self.llm_dtype,
+                        "--device", self.device),
                 cache / "extract_summary.json", clean=[cache], resumable=True,
             ))  # fmt: skip
+        # On CPU the ImageNet backbone stays frozen (attention pool, projection, adapter and logit
+        # scale train): 2.2x the samples/s of full fine-tuning on 2 cores at the same held-out
+        # recall in our runs. On a GPU the whole tower trains.
+        freeze = ["--freeze-backbone"] if self.on_cpu else []
         for run in ("stage1_llm", "raw_llm"):
             cache, run_dir = p("cache", run), p("stage2", run)
             steps.append(Step(
                 f"train_{run}", f"Stage 2: MobileNetV2 + adapter on the {run.replace('_', ' ')} embeddings",
                 self.torchrun(
                     "llm2clip.train", "--fused-loss", "--train-shards", train_shards, "--cache", cache,
-                    "--fields", "short", "--vision", "mobilenet_v2", "--pretrained",
+                    "--fields", "short", "--vision", "mobilenet_v2", "--pretrained", *freeze,
                     "--image-size", pr.image_size, "--embed-dim", pr.embed_dim,
                     "--adapter-depth", pr.adapter_depth, "--loss", "infonce",
                     "--batch-size", pr.stage2_batch, "--epochs", pr.stage2_epochs,
