@@ -58,13 +58,13 @@ PRESETS = {
     "full": Preset(
         "full", limit=0, image_size=96, cra_pairs=128, zeroshot_per_class=50,
         stage1_steps=40, stage1_batch=32, stage1_lr=3e-3, stage1_top_layers=6,
-        stage2_epochs=6, stage2_batch=64, stage2_lr=2e-3, stage2_adapter_lr=2e-3,
-        embed_dim=256, adapter_depth=2,
+        stage2_epochs=15, stage2_batch=64, stage2_lr=3e-3, stage2_adapter_lr=3e-3,
+        embed_dim=256, adapter_depth=1,
     ),
     "quick": Preset(
         "quick", limit=200, image_size=96, cra_pairs=48, zeroshot_per_class=10,
         stage1_steps=8, stage1_batch=16, stage1_lr=3e-3, stage1_top_layers=4,
-        stage2_epochs=8, stage2_batch=32, stage2_lr=2e-3, stage2_adapter_lr=2e-3,
+        stage2_epochs=8, stage2_batch=32, stage2_lr=3e-3, stage2_adapter_lr=3e-3,
         embed_dim=128, adapter_depth=1,
     ),
 }  # fmt: skip
