@@ -97,6 +97,7 @@ _RESUME_MUST_MATCH = (
     "image_size",
     "embed_dim",
     "adapter_depth",
+    "center_text",
     "loss",
     "batch_size",
     "seed",
@@ -134,6 +135,10 @@ class TrainConfig:
     image_size: int = _f(0, "Training image side (0: the tower's default).")
     embed_dim: int = _f(1280, "Shared image-text embedding dimension.")
     adapter_depth: int = _f(4, "Residual MLP blocks of the text adapter (LLM2CLIP: 4).")
+    center_text: bool = _f(
+        False, "Adapter subtracts the mean cached embedding (from up to 65536 rows) and renormalises."
+    )
+    channels_last: bool = _f(False, "Channels-last memory format for the vision tower (faster convolutions).")
     loss: str = _f("infonce", f"Contrastive loss: one of {LOSSES}.")
     fused_loss: bool = _f(False, "Use the fused Triton/chunked loss (else the plain open_clip-style loss).")
     loss_backend: str = _f("auto", "Fused loss backend: auto, triton or torch.")
@@ -294,8 +299,22 @@ def build_model(cfg: TrainConfig, text_dim: int) -> ClipModel:
 
         kw = cfg.tower_overrides()
         tower = ViT(ViTConfig.preset(cfg.vision, grad_checkpointing=cfg.grad_checkpointing, **kw))
-    adapter = AdapterConfig(input_dim=text_dim, embed_dim=cfg.embed_dim, depth=cfg.adapter_depth)
+    adapter = AdapterConfig(
+        input_dim=text_dim, embed_dim=cfg.embed_dim, depth=cfg.adapter_depth, center_input=cfg.center_text
+    )
     return ClipModel(tower, ClipModelConfig(embed_dim=cfg.embed_dim, adapter=adapter, loss=cfg.loss))
+
+
+def cache_mean(cache: EmbeddingCache, max_rows: int = 65536, seed: int = 0) -> Tensor:
+    """Mean of the normalised cached embeddings over up to max_rows rows drawn without replacement."""
+    from llm2clip.models.adapter import embedding_mean
+
+    n = cache.num_rows
+    ids = (
+        torch.arange(n) if n <= max_rows else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    )
+    ids = ids[:max_rows].sort().values
+    return embedding_mean(cache.gather(ids, torch.float32))
 
 
 _NO_DECAY_NAMES = ("pos_embed", "cls_token", "positional_embedding", "probe", "logit_scale", "logit_bias")
@@ -673,7 +692,12 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict:
 
     # The model: same init on every rank; per-rank RNG afterwards (dropout).
     seed_everything(cfg.seed)
-    model = build_model(cfg, cache.dim).to(dev)
+    model = build_model(cfg, cache.dim)
+    if cfg.center_text and not cfg.init_from:  # a resume overwrites it with the checkpoint's
+        model.adapter.input_mean.copy_(cache_mean(cache, seed=cfg.seed))
+    if cfg.channels_last:
+        model.visual.to(memory_format=torch.channels_last)
+    model = model.to(dev)
     image_size = model.visual.image_size
     unwrapped = model
     model = wrap_model(model, cfg, dist)
@@ -738,7 +762,11 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict:
     text_dtype = torch.bfloat16 if isinstance(autocast, torch.autocast) else torch.float32
     rows = CaptionRows(cache, dev, cfg.cache_tier, text_dtype)
     mean, std = unwrapped.visual.config.image_mean, unwrapped.visual.config.image_std
-    image_fn = lambda x: normalize_images(x.to(dev, non_blocking=True), mean, std)  # noqa: E731
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def image_fn(x: Tensor) -> Tensor:
+        return normalize_images(x.to(dev, non_blocking=True), mean, std).contiguous(memory_format=fmt)
+
     loss_fn = make_loss(cfg.loss, cfg.fused_loss, cfg.loss_backend)
     sync = grad_sync_context(model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -169,3 +169,24 @@ def test_checkpoint_round_trip_llm2clip_vit(tmp_path):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match="refusing"):
         build_vision_tower({"class": "os:system", "config_class": "os:system", "config": {}})
+
+
+def test_adapter_centering():
+    """center_input subtracts input_mean from the normalised embedding and renormalises; a zero
+    mean changes nothing; the buffer is saved and restored with the model."""
+    import torch.nn.functional as F
+
+    from llm2clip.models.adapter import AdapterConfig, TextAdapter, embedding_mean
+
+    torch.manual_seed(0)
+    plain = TextAdapter(AdapterConfig(input_dim=8, embed_dim=4, depth=1))
+    centered = TextAdapter(AdapterConfig(input_dim=8, embed_dim=4, depth=1, center_input=True))
+    centered.load_state_dict({**plain.state_dict(), "input_mean": torch.zeros(8)})
+    x = torch.randn(5, 8) + 3.0  # a shared direction, as LLM embeddings have
+    torch.testing.assert_close(centered(x), plain(x))
+    mean = embedding_mean(x)
+    torch.testing.assert_close(mean, F.normalize(x, dim=-1).mean(0))
+    centered.input_mean.copy_(mean)
+    manual = F.normalize(F.normalize(x, dim=-1) - mean, dim=-1)
+    torch.testing.assert_close(centered(x), plain(manual))
+    assert "input_mean" in centered.state_dict() and "input_mean" not in plain.state_dict()

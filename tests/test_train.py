@@ -285,3 +285,17 @@ def test_param_groups_layer_decay_and_no_weight_decay(data, tmp_path):
     assert where[id(named["logit_scale"])] == (1e-3, 0.0)
     adapter = [n for n in named if n.startswith("adapter.") and named[n].ndim == 2]
     assert adapter and all(where[id(named[n])] == (7e-3, 0.1) for n in adapter)
+
+
+def test_center_text_sets_the_adapter_mean_from_the_cache(data, tmp_path):
+    from llm2clip.cache import EmbeddingCache
+    from llm2clip.train import cache_mean
+
+    out = tmp_path / "centered"
+    main(args(data, out, "--fused-loss", "--steps", "2", "--center-text", "--channels-last"))
+    cache = EmbeddingCache.open(data["cache"])
+    rows = torch.nn.functional.normalize(cache.gather(torch.arange(cache.num_rows), torch.float32), dim=-1)
+    torch.testing.assert_close(cache_mean(cache), rows.mean(0))
+    model = ClipModel.load(out / "final")
+    assert model.config.adapter.center_input
+    torch.testing.assert_close(model.adapter.input_mean, rows.mean(0))  # a buffer: not trained

@@ -1,7 +1,7 @@
 """LLM2CLIP's text adapter: frozen LLM caption embeddings -> the CLIP embedding space.
 
     x (B, input_dim), any float dtype
-      -> L2-normalise (in fp32)
+      -> L2-normalise (in fp32)  [-> subtract input_mean, L2-normalise again: center_input=True]
       -> depth x pre-LN residual MLP block:  x = x + fc2(GELU(fc1(LayerNorm(x))))   (d -> ratio*d -> d)
       -> LayerNorm -> Linear(input_dim -> embed_dim)
     kind='linear':  L2-normalise -> Linear(input_dim -> embed_dim)
@@ -39,6 +39,11 @@ class AdapterConfig:
     """Hidden size of each block's MLP as a multiple of input_dim (LLM2CLIP: 2)."""
     ln_eps: float = 1e-5
     """LayerNorm epsilon."""
+    center_input: bool = False
+    """Subtract a fixed mean of the normalised LLM embeddings (the ``input_mean`` buffer, set by the
+    trainer's --center-text from the cache) and renormalise. LLM embeddings share a large common
+    direction (mean pairwise cosine 0.6-0.9 for SmolLM2); removing it lets the adapter see the
+    differences between captions from the first step. Not in the LLM2CLIP recipe: off by default."""
 
     def __post_init__(self) -> None:
         for key in ("input_dim", "embed_dim"):
@@ -85,6 +90,8 @@ class TextAdapter(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.input_dim, eps=cfg.ln_eps) if mlp else nn.Identity()
         self.proj = nn.Linear(cfg.input_dim, cfg.embed_dim)
+        if cfg.center_input:
+            self.register_buffer("input_mean", torch.zeros(cfg.input_dim))
         self.init_weights()
 
     @torch.no_grad()
@@ -104,10 +111,19 @@ class TextAdapter(nn.Module):
         dtype = self.proj.weight.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-        x = F.normalize(x.float(), dim=-1).to(dtype)
+        x = F.normalize(x.float(), dim=-1)
+        if self.config.center_input:
+            x = F.normalize(x - self.input_mean.float(), dim=-1)
+        x = x.to(dtype)
         for block in self.blocks:
             x = block(x)
         return self.proj(self.norm(x))
+
+
+@torch.no_grad()
+def embedding_mean(embeddings: Tensor) -> Tensor:
+    """(input_dim,) fp32 mean of the L2-normalised rows: the value for ``TextAdapter.input_mean``."""
+    return F.normalize(embeddings.float(), dim=-1).mean(0)
 
 
 def adapter(input_dim: int, embed_dim: int, **overrides) -> TextAdapter:
@@ -115,4 +131,4 @@ def adapter(input_dim: int, embed_dim: int, **overrides) -> TextAdapter:
     return TextAdapter(AdapterConfig(input_dim=input_dim, embed_dim=embed_dim, **overrides))
 
 
-__all__ = ["ADAPTER_KINDS", "AdapterConfig", "ResidualMLPBlock", "TextAdapter", "adapter"]
+__all__ = ["ADAPTER_KINDS", "AdapterConfig", "ResidualMLPBlock", "TextAdapter", "adapter", "embedding_mean"]
