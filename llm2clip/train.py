@@ -288,6 +288,13 @@ def build_model(cfg: TrainConfig, text_dim: int) -> ClipModel:
                 f"--init-from {cfg.init_from}: its adapter takes {model.config.adapter.input_dim}-d LLM "
                 f"embeddings, the cache {cfg.cache} holds {text_dim}-d ones"
             )
+        centered = model.config.adapter.center_input
+        if cfg.center_text != centered:
+            flag = "--center-text" if centered else "--no-center-text"
+            raise ValueError(
+                f"--init-from {cfg.init_from}: its adapter has center_input={centered}; pass {flag} "
+                "(the mean it subtracts comes with its weights)"
+            )
         return model
     if cfg.vision in CNN_TOWERS:
         from llm2clip.models.cnn_tower import CNNTower, CNNTowerConfig

@@ -226,6 +226,8 @@ def test_mismatched_cache_is_refused_before_the_first_step(data, tmp_path):
         main(args({**data, "cache": str(other)}, out, "--fused-loss", "--steps", "4", "--resume"))
     with pytest.raises(StaleCacheError, match="model_id"):
         main(args(data, tmp_path / "e", "--eval-shards", data["held"], "--eval-cache", str(other)))
+    with pytest.raises(ValueError, match="center_input=False; pass --no-center-text"):
+        main(args(data, tmp_path / "init2", "--init-from", str(out / "final"), "--center-text"))
     wider = {**data, "cache": _wider_cache(tmp_path)}
     with pytest.raises(StaleCacheError, match="takes 24-d LLM embeddings, the cache .* holds 32-d"):
         main(args(wider, tmp_path / "init", "--init-from", str(out / "final"), "--fields", "short"))
