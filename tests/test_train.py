@@ -101,11 +101,11 @@ def test_single_process_run_outputs(data, tmp_path):
     for (n, a), (_, b) in zip(model.state_dict().items(), last.state_dict().items()):
         assert torch.equal(a, b), n
     assert 0.0 <= float(model.logit_scale.detach()) <= model.config.max_logit_scale
-    if any((out / "tensorboard").glob("events.*")):
-        pass  # written when tensorboard is installed
-    else:
-        pytest.importorskip("tensorboard", reason="TensorBoard logging needs the tensorboard package")
-        raise AssertionError("tensorboard is installed but no event file was written")
+    try:
+        import tensorboard  # noqa: F401  (in the test extra; the trainer only warns without it)
+    except ImportError:
+        return
+    assert any((out / "tensorboard").glob("events.*")), "no TensorBoard event file"
 
 
 @pytest.mark.parametrize("loss", ["infonce", "sigmoid"])
