@@ -679,6 +679,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
             torch_dist.destroy_process_group()
 
 
+def shard_sizes(shards: list[str], out: Path) -> list[int]:
+    """Samples per shard. Counting walks every tar header (minutes at LAION scale), so the counts
+    are kept in OUTPUT_DIR/shard_sizes.json and reused for files whose size and mtime are unchanged
+    (a resumed or restarted run counts nothing again)."""
+    path = out / "shard_sizes.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    stats = {s: os.stat(s) for s in shards}
+    stamp = {s: [st.st_size, st.st_mtime_ns] for s, st in stats.items()}
+    todo = [s for s in shards if known.get(s, [None])[:2] != stamp[s]]
+    for s, n in zip(todo, count_samples(todo) if todo else []):
+        known[s] = [*stamp[s], n]
+    if todo:
+        atomic_write_json(known, path)
+    return [known[s][2] for s in shards]
+
+
 def _default_fields(cache_dir: str) -> tuple[str, ...]:
     summary = Path(cache_dir) / "extract_summary.json"
     if not summary.exists():
@@ -695,7 +711,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict:
     if not cfg.fields:
         cfg = dataclasses.replace(cfg, fields=_default_fields(cfg.cache))
     shards = expand_shards(cfg.train_shards)
-    sizes = _gather_object(count_samples(shards) if dist.is_main else None, dist)[0]
+    sizes = _gather_object(shard_sizes(shards, out) if dist.is_main else None, dist)[0]
 
     # The model: same init on every rank; per-rank RNG afterwards (dropout).
     seed_everything(cfg.seed)

@@ -301,3 +301,19 @@ def test_center_text_sets_the_adapter_mean_from_the_cache(data, tmp_path):
     model = ClipModel.load(out / "final")
     assert model.config.adapter.center_input
     torch.testing.assert_close(model.adapter.input_mean, rows.mean(0))  # a buffer: not trained
+
+
+def test_shard_sizes_are_counted_once_and_recounted_when_a_shard_changes(data, tmp_path, monkeypatch):
+    import llm2clip.train as train_mod
+    from llm2clip.data.shards import expand_shards
+
+    shards = expand_shards(data["shards"])
+    counted = []
+    real = train_mod.count_samples
+    monkeypatch.setattr(train_mod, "count_samples", lambda s: counted.append(list(s)) or real(s))
+    assert train_mod.shard_sizes(shards, tmp_path) == [8, 8, 8, 8]
+    assert train_mod.shard_sizes(shards, tmp_path) == [8, 8, 8, 8]
+    assert counted == [shards]  # the second call reused shard_sizes.json
+    os.utime(shards[1], ns=(0, 0))  # a changed file is counted again, alone
+    assert train_mod.shard_sizes(shards, tmp_path) == [8, 8, 8, 8]
+    assert counted[1:] == [[shards[1]]]
