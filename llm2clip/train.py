@@ -31,7 +31,8 @@ Outputs (``--output-dir``, rank 0): ``config.json`` (the resolved config + the c
 carry "eval"), ``tensorboard/``, ``checkpoints/step_XXXXXXXX/`` (model.safetensors + config.json as
 ``ClipModel.save`` writes them, and ``trainer_state.pt``: optimizer, schedule, step, every rank's
 RNG, counters; the directory is renamed into place only when complete; the last ``--keep-last``
-are kept), ``final/`` (the trained ClipModel) and ``metrics.json`` (summary and final evaluation).
+are kept), ``final/`` (the trained ClipModel), ``metrics.json`` (summary and final evaluation) and
+``shard_sizes.json`` (samples per shard, counted once).
 ``--resume`` continues from the newest complete checkpoint with the same data position and RNG,
 so a killed run produces the losses it would have produced (tested with SIGKILL on CPU).
 
