@@ -55,9 +55,9 @@ from llm2clip.cache import EmbeddingCache, StaleCacheError
 from llm2clip.data.images import IMAGE_FIELDS, decode_image, eval_transform, normalize_images
 from llm2clip.data.shards import ShardError, expand_shards, iter_samples, shard_name
 from llm2clip.extract import SUMMARY_FILE, ExtractConfig, FieldSpec, load_embedder
+from llm2clip.files import atomic_write_json
 from llm2clip.models.clip_model import CONFIG_NAME, ClipModel
 from llm2clip.models.vit import CLIP_MEAN, CLIP_STD
-from llm2clip.train_utils import atomic_write_json
 
 __all__ = [
     "SIM_CHUNK_ELEMENTS",
@@ -974,7 +974,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "seconds": seconds,
     }
     if args.out:
-        atomic_write_json(out, args.out)
+        atomic_write_json(args.out, out)
     return out
 
 

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llm2clip.data.shards import expand_shards, iter_samples
+from llm2clip.files import atomic_save, atomic_write_json
 from llm2clip.models.text_embedder import (
     ATTN_IMPLEMENTATION,
     DEFAULT_LORA_TARGETS,
@@ -69,8 +70,6 @@ from llm2clip.train_utils import (
     Progress,
     all_reduce_grads,
     all_reduce_mean,
-    atomic_save,
-    atomic_write_json,
     capture_rng,
     config_field,
     init_distributed,
@@ -554,7 +553,7 @@ def save_checkpoint(path, embedder, optimizer, scheduler, step, stream, metrics,
             "metrics": metrics,
             "config": dataclasses.asdict(cfg),
         }
-        atomic_save(state, path)
+        atomic_save(path, state)
     if dist.distributed:
         torch.distributed.barrier()
 
@@ -607,7 +606,7 @@ def train(cfg: Stage1Config, dist: DistInfo) -> tuple[dict, LLMTextEmbedder]:
     out = cfg.output_dir
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if dist.is_main:
-        atomic_write_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))
+        atomic_write_json(os.path.join(out, "config.json"), dataclasses.asdict(cfg))
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dev.type == "cuda" else nullcontext()
     )
@@ -677,7 +676,7 @@ def train(cfg: Stage1Config, dist: DistInfo) -> tuple[dict, LLMTextEmbedder]:
     if dist.is_main:
         if metrics["finished"]:
             write_outputs(cfg, embedder, out)
-        atomic_write_json({"config": dataclasses.asdict(cfg), **metrics}, os.path.join(out, "metrics.json"))
+        atomic_write_json(os.path.join(out, "metrics.json"), {"config": dataclasses.asdict(cfg), **metrics})
     if dist.distributed:
         torch.distributed.barrier()
     return metrics, embedder
@@ -694,7 +693,7 @@ def write_outputs(cfg: Stage1Config, embedder: LLMTextEmbedder, out: str) -> Non
         embedder.model.save_pretrained(merged)
         embedder.tokenizer.save_pretrained(merged)
         info["merged"] = merged
-    atomic_write_json(info, os.path.join(out, "embedder_config.json"))
+    atomic_write_json(os.path.join(out, "embedder_config.json"), info)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ from llm2clip.cache import EmbeddingCache, StaleCacheError
 from llm2clip.cache.manifest import CacheSpec, check_spec
 from llm2clip.data.images import ShardImageDataset, SkipCounts, count_samples, normalize_images
 from llm2clip.data.shards import expand_shards
+from llm2clip.files import atomic_save, atomic_write_json
 from llm2clip.grad_cache import contrastive_backward, grad_sync_context
 from llm2clip.losses import LOSSES, make_loss
 from llm2clip.models.adapter import AdapterConfig
@@ -72,8 +73,6 @@ from llm2clip.train_utils import (
     DistInfo,
     Progress,
     all_reduce_grads,
-    atomic_save,
-    atomic_write_json,
     build_parser,
     capture_rng,
     init_distributed,
@@ -533,7 +532,7 @@ def save_checkpoint(cfg, model, unwrapped, optimizer, scheduler, state: dict, di
             "config": dataclasses.asdict(cfg),
             **state,
         }
-        atomic_save(trainer, tmp / "trainer_state.pt")
+        atomic_save(tmp / "trainer_state.pt", trainer)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
         for old in checkpoint_dirs(cfg.output_dir)[: -cfg.keep_last]:
@@ -692,7 +691,7 @@ def shard_sizes(shards: list[str], out: Path) -> list[int]:
     for s, n in zip(todo, count_samples(todo) if todo else []):
         known[s] = [*stamp[s], n]
     if todo:
-        atomic_write_json(known, path)
+        atomic_write_json(path, known)
     return [known[s][2] for s in shards]
 
 
@@ -769,7 +768,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict:
             "world_size": dist.world_size,
         }
         resolved.update(batches_per_epoch=per_epoch, total_steps=total)
-        atomic_write_json(resolved, out / "config.json")
+        atomic_write_json(out / "config.json", resolved)
     log = RunLog(cfg, dist, run["step"] if resume is not None else None)
     retrieval, zeroshot = build_eval_sets(cfg, cache, image_size, dev) if dist.is_main else (None, None)
 
@@ -964,7 +963,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> dict:
     if dist.is_main:
         if finished:
             unwrapped.save(out / "final", state_dict=full_state)
-        atomic_write_json({"config": dataclasses.asdict(cfg), **metrics}, out / "metrics.json")
+        atomic_write_json(out / "metrics.json", {"config": dataclasses.asdict(cfg), **metrics})
     log.close()
     if dist.distributed:
         torch_dist.barrier()

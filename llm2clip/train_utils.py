@@ -1,17 +1,15 @@
 """Small helpers shared by the trainers (stage 1, stage 2): distributed setup, print0, atomic
-checkpoint files, the LR schedule, a progress bar with a plain fallback, gradient all-reduce.
+the LR schedule, a progress bar with a plain fallback, gradient all-reduce.
 
     dist = init_distributed()            # reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK
     print0(dist, "hello")                # rank 0 only
     sched = lr_schedule(opt, warmup=300, total=10_000, decay="cosine")
-    atomic_save({"step": 1, ...}, "out/checkpoint.pt")
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import random
@@ -28,8 +26,6 @@ __all__ = [
     "Progress",
     "all_reduce_grads",
     "all_reduce_mean",
-    "atomic_save",
-    "atomic_write_json",
     "build_parser",
     "capture_rng",
     "config_field",
@@ -150,53 +146,6 @@ def build_parser(config_cls, prog: str, description: str) -> argparse.ArgumentPa
             kw["type"] = args[0] if args and args[0] in (int, float, str) else str
         p.add_argument(flag, **kw)
     return p
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic files
-
-
-def _fsync_replace(tmp: str, path: str) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename durable too
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then rename: a reader sees the old file
-    or the new one, never a torn write."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    _fsync_replace(tmp, path)
-
-
-def _jsonable(x):
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return dataclasses.asdict(x)
-    if isinstance(x, (torch.device, torch.dtype)):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def atomic_write_json(obj, path: str | os.PathLike) -> None:
-    """Write JSON (dataclasses become dicts) atomically."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_jsonable)
-        f.write("\n")
-    _fsync_replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,7 @@ the configuration it expects and refuses a stale cache field by field (StaleCach
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,51 +105,3 @@ def check_spec(expected: CacheSpec, found: CacheSpec, path: str | os.PathLike) -
         "Rebuild it: re-run `python -m llm2clip.extract ...` with the expected configuration into a NEW "
         "directory (never reuse or overwrite this one)."
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory so renames inside it are durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write data to path via a temp file in the same directory, fsync, os.replace, fsync dir."""
-    path = os.fspath(path)
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; caches are read by other users' jobs
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(d)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

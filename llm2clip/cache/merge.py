@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_write_json, fsync_dir, read_json
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -56,7 +57,7 @@ from .index import (
     first_unseen,
     sorted_lookup,
 )
-from .manifest import PROBE_CAPTIONS, PROBE_MIN_COSINE, CacheSpec, atomic_write_json, fsync_dir, read_json
+from .manifest import PROBE_CAPTIONS, PROBE_MIN_COSINE, CacheSpec
 from .writer import CONFIG_FILE, ENTRY_DTYPE, _part, part_id
 
 CHUNK_BYTES = 64 << 20  # rows copied per read/write; bounds the merge's memory for rows

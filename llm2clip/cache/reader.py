@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import read_json
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -51,7 +52,7 @@ from .format import (
 )
 from .gather import gather_rows
 from .index import TEXT_HASH_DTYPE, _broadcast, key_hashes, sorted_lookup
-from .manifest import CacheSpec, check_spec, read_json
+from .manifest import CacheSpec, check_spec
 
 
 def _readonly_tensor(arr: np.ndarray) -> torch.Tensor:

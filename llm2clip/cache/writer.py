@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_write_json, fsync_dir, read_json
 from .format import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -55,7 +56,7 @@ from .index import (
     key_hashes,
     text_hashes,
 )
-from .manifest import CacheSpec, atomic_write_json, check_spec, fsync_dir, read_json
+from .manifest import CacheSpec, check_spec
 
 CONFIG_FILE = "config.json"
 # One index entry in a part: the key hash and the text hash of its caption (merge resolves the

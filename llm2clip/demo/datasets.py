@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llm2clip.data.shards import write_shard
-from llm2clip.train_utils import atomic_write_json
+from llm2clip.files import atomic_write_json
 
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -344,7 +344,7 @@ def build_pairs(
         "examples": [{"txt": i.caption, "alt": i.alt, "origin": i.origin} for i in (train[:3] + heldout[:3])],
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    atomic_write_json(summary, out / "summary.json")
+    atomic_write_json(out / "summary.json", summary)
     return summary
 
 
@@ -427,7 +427,7 @@ def build_fashion_mnist(out: Path, per_class: int = 50, image_size: int = 128, n
     names, names_from = fashion_classnames()
     templates, templates_from = prompt_templates()
     (out / "classnames.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
-    atomic_write_json(templates, out / "templates.json")
+    atomic_write_json(out / "templates.json", templates)
     summary = {
         "images": len(samples),
         "per_class": per_class,
@@ -440,7 +440,7 @@ def build_fashion_mnist(out: Path, per_class: int = 50, image_size: int = 128, n
         "checksum": hashlib.sha256(b"".join(s["png"] for s in samples)).hexdigest()[:16],
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    atomic_write_json(summary, out / "summary.json")
+    atomic_write_json(out / "summary.json", summary)
     return summary
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from llm2clip.demo import report
-from llm2clip.train_utils import atomic_write_json
+from llm2clip.files import atomic_write_json
 
 
 class StepFailed(SystemExit):
@@ -145,7 +145,7 @@ class Demo:
         print(f"--- {step.title}: {seconds:.1f} s", flush=True)
 
     def save_timings(self) -> None:
-        atomic_write_json(self.timings, self.p("timings.json"))
+        atomic_write_json(self.p("timings.json"), self.timings)
 
     # ---- the steps
 
@@ -313,7 +313,7 @@ def check_mode(out: Path, preset: Preset, source: str, force: bool) -> None:
                 f"{previous['source']}); use another --out or add --force to redo every step"
             )
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(current, path)
+    atomic_write_json(path, current)
 
 
 def run(out: Path, quick: bool, source: str, device: str, force: bool) -> dict:

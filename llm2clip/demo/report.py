@@ -265,11 +265,11 @@ def markdown(s: dict, plots: dict[str, str], preset_name: str) -> str:
 
 def write_report(out: Path, timings: dict | None = None, preset_name: str = "full") -> dict:
     """Write <out>/report.md, <out>/plots/*.png and <out>/summary.json; return the summary dict."""
-    from llm2clip.train_utils import atomic_write_json
+    from llm2clip.files import atomic_write_json
 
     out = Path(out)
     s = collect(out, timings)
     plots = _plots(out, s)
     (out / "report.md").write_text(markdown(s, plots, preset_name), encoding="utf-8")
-    atomic_write_json(s, out / "summary.json")
+    atomic_write_json(out / "summary.json", s)
     return s
