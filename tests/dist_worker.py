@@ -138,6 +138,9 @@ def main():
         except Exception:
             results.append({"crash": traceback.format_exc()})
     torch.save(results, os.path.join(args.out, f"rank{args.rank}.pt"))
+    # Every rank leaves together: gloo aborts a process ("terminate called without an active
+    # exception") when a peer tears its connections down while it is still in a collective.
+    dist.barrier()
     dist.destroy_process_group()
 
 
