@@ -1,6 +1,7 @@
-"""On-disk format of the caption-embedding cache: headers, storage codes, row stride, quantisation.
+"""On-disk format of the caption-embedding cache: file names, headers, storage codes, row stride,
+quantisation, and the layout of the writers' parts/ folder.
 
-A cache is a directory (DESIGN.md section 3)::
+A cache is a directory::
 
     rows.bin       4096-byte header, then N rows at a fixed stride (bytes):
                    stride = round_up(dim * itemsize, 128); the padding is zero
@@ -37,10 +38,13 @@ Quantisation is symmetric per-row absmax; a row of zeros gets scale 0 (and dequa
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,9 +69,9 @@ INDEX_FILE = "index.bin"
 TEXTHASH_FILE = "texthash.bin"
 PROBE_FILE = "probe.bin"
 MANIFEST_FILE = "manifest.json"
-PARTS_DIR = "parts"
 
 TEXT_HASH_BYTES = 16
+TEXT_HASH_DTYPE = np.dtype(f"S{TEXT_HASH_BYTES}")  # compares and sorts as raw bytes
 
 
 class CacheError(Exception):
@@ -236,3 +240,35 @@ def encode_rows(
     payload = np.zeros((n, stride), dtype=np.uint8)
     payload[:, : dim * st.itemsize] = q.view(torch.uint8).reshape(n, dim * st.itemsize).numpy()
     return payload, scales
+
+
+# --------------------------------------------------------------------------------------------
+# The writers' staging folder: parts/<shard id>.{rows,scales,texthash,entries,keys}[.tmp], a done
+# marker parts/<shard id>.done per finished shard, and parts/config.json (writer.py writes them,
+# merge.py reads them).
+
+PARTS_DIR = "parts"
+CONFIG_FILE = "config.json"
+PART_SUFFIXES = ("rows", "scales", "texthash", "entries", "keys")
+# One index entry in a part: the key hash and the text hash of its caption (merge resolves the
+# text hash to the final row, across shards and ranks).
+ENTRY_DTYPE = np.dtype([("key", "<u8"), ("text", TEXT_HASH_DTYPE)])
+
+_PART_NAME = re.compile(r"^(.*-[0-9a-f]{12})\.(rows|scales|texthash|entries|keys|done)(\..*)?$")
+
+
+def shard_id(name: str) -> str:
+    """File-name-safe id of a shard name: a readable prefix plus 48 bits of its hash."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[-64:].lstrip(".") or "shard"
+    return f"{safe}-{hashlib.blake2b(name.encode(), digest_size=6).hexdigest()}"
+
+
+def part_id(filename: str) -> str | None:
+    """The shard id of a file in parts/ (None for other files, e.g. config.json)."""
+    m = _PART_NAME.match(filename)
+    return m.group(1) if m else None
+
+
+def part_path(parts: os.PathLike, sid: str, suffix: str) -> Path:
+    """parts/<sid>.<suffix>: one file of a shard's parts."""
+    return Path(parts) / f"{sid}.{suffix}"

@@ -2,7 +2,7 @@
 
 Key -> row goes through a sorted array of 64-bit key hashes and np.searchsorted, never a Python
 dict: a DataLoader worker forked from the main process touches only the pages it reads (a dict of
-millions of entries would be copied page by page as refcounts change, DESIGN.md section 3).
+millions of entries would be copied page by page as refcounts change; docs/cache.md).
 
 Key hash: blake2b with digest_size=8 of the UTF-8 of f"{shard}\\x1f{key}\\x1f{field}", read as a
 little-endian uint64. The shard is part of the key because webdataset's ``__key__`` is unique only
@@ -30,14 +30,13 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .format import TEXT_HASH_BYTES
+from .format import TEXT_HASH_DTYPE
 
 KEY_HASH_NAME = "blake2b-64(utf8(shard \\x1f key \\x1f field)), little-endian uint64"
 TEXT_HASH_NAME = "blake2b-128(utf8(normalize_caption(text)))"
 TEXT_NORMALIZATION = "unicode NFKC, strip, collapse whitespace, lowercase"
 
 SEP = "\x1f"
-TEXT_HASH_DTYPE = np.dtype(f"S{TEXT_HASH_BYTES}")  # compares and sorts as raw bytes
 
 
 def shard_name(url: str) -> str:

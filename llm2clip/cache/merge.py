@@ -1,16 +1,17 @@
 """Merge the per-shard parts of a cache directory into the final files, manifest last.
 
-Passes (shards in merge order: the given list, or the shard names sorted):
+Passes (shards in merge order: the given list, or the shard names sorted; docs/cache.md):
 
-1. dedup across writers: read each part's text hashes (16 B/row); a row whose text hash an
+1. select and check: every listed shard has its done marker and part files of the right sizes.
+2. dedup across writers: read each part's text hashes (16 B/row); a row whose text hash an
    earlier part already stored is dropped (ranks cannot dedup against each other while writing).
-2. stream rows / scales / text hashes into rows.bin, scales.bin, texthash.bin (temp names), in
-   chunks of CHUNK_BYTES, computing sha256 on the way: memory stays bounded.
-3. key index: resolve every entry's text hash to its final row (argsort + searchsorted over the
+3. rows: stream rows / scales / text hashes into rows.bin, scales.bin, texthash.bin (temp names),
+   in chunks of CHUNK_BYTES, computing sha256 on the way: memory stays bounded.
+4. key index: resolve every entry's text hash to its final row (argsort + searchsorted over the
    final text hashes), sort the key hashes, fail on a 64-bit collision, write index.bin. This pass
    holds the index in memory: about 16 B per unique row plus 40 B per entry (LAION-400M with two
    captions per sample: ~35 GB), the one step that does not stream.
-4. probe.bin; fsync; rename the temp files into place; the manifest (atomic); remove parts/.
+5. probe.bin; fsync; rename the temp files into place; the manifest (atomic); remove parts/.
 A merge killed before the manifest leaves no cache (the loader refuses the directory); run it again.
 """
 
@@ -28,6 +29,8 @@ import torch
 
 from ..files import atomic_write_json, fsync_dir, read_json
 from .format import (
+    CONFIG_FILE,
+    ENTRY_DTYPE,
     FORMAT_NAME,
     FORMAT_VERSION,
     HEADER_BYTES,
@@ -38,29 +41,59 @@ from .format import (
     ROWS_FILE,
     SCALES_FILE,
     TEXT_HASH_BYTES,
+    TEXT_HASH_DTYPE,
     TEXTHASH_FILE,
     CorruptCacheError,
     IncompleteCacheError,
     KeyCollisionError,
+    Storage,
     index_header,
+    part_id,
+    part_path,
     row_stride,
     rows_header,
     scales_header,
     storage_of,
 )
-from .index import (
-    KEY_HASH_NAME,
-    TEXT_HASH_DTYPE,
-    TEXT_HASH_NAME,
-    TEXT_NORMALIZATION,
-    HashSet128,
-    first_unseen,
-    sorted_lookup,
-)
+from .index import KEY_HASH_NAME, TEXT_HASH_NAME, TEXT_NORMALIZATION, HashSet128, first_unseen, sorted_lookup
 from .manifest import PROBE_CAPTIONS, PROBE_MIN_COSINE, CacheSpec
-from .writer import CONFIG_FILE, ENTRY_DTYPE, _part, part_id
 
 CHUNK_BYTES = 64 << 20  # rows copied per read/write; bounds the merge's memory for rows
+
+
+def merge_parts(
+    path: str | os.PathLike,
+    probe_embeddings: torch.Tensor,
+    shards: Sequence[str] | None = None,
+) -> dict:
+    """Merge parts/ of the cache at `path` into the final cache; returns the manifest.
+
+    probe_embeddings: (len(PROBE_CAPTIONS), dim) float embeddings of PROBE_CAPTIONS, computed
+    exactly as the cached captions were (stored fp32 in probe.bin).
+    shards: the shards the cache must hold, in merge order; each needs its done marker. Without
+    it, every shard present in parts/ is merged (sorted by name) and any unfinished one refuses.
+    """
+    path = Path(path)
+    parts = path / PARTS_DIR
+    if (path / MANIFEST_FILE).exists():
+        raise FileExistsError(f"{path} is already merged ({MANIFEST_FILE} exists)")
+    spec, st = _read_config(path, parts)
+    out = _Outputs(path)
+    metas = _select_shards(path, parts, shards)
+    _check_parts(parts, metas, st, spec.dim)
+    probe = _checked_probe(probe_embeddings, spec.dim)
+    keep = _dedup_across_writers(parts, metas)
+    _write_rows(out, parts, metas, keep, st, spec.dim)
+    _write_index(out, parts, metas)
+    _write_probe(out, probe)
+    manifest = _manifest(spec, st, metas, keep, out)
+    for name in out.files:
+        os.replace(out.tmp(name), path / name)
+    fsync_dir(path)
+    atomic_write_json(path / MANIFEST_FILE, manifest)
+    shutil.rmtree(parts)
+    fsync_dir(path)
+    return manifest
 
 
 class _HashingFile:
@@ -85,38 +118,36 @@ class _HashingFile:
         return {"size": self.size, "sha256": self.sha.hexdigest()}
 
 
-def _check_part_size(path: Path, expected: int) -> None:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise CorruptCacheError(f"part file {path} is missing") from None
-    if size != expected:
-        raise CorruptCacheError(f"part file {path} has {size} bytes, its done marker implies {expected}")
+class _Outputs:
+    """The final files being written under temp names, and their manifest entries."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.files: dict[str, dict] = {}
+
+    def tmp(self, name: str) -> Path:
+        return self.path / (name + ".tmp")
+
+    def open(self, name: str) -> _HashingFile:
+        return _HashingFile(self.tmp(name))
+
+    def close(self, name: str, f: _HashingFile) -> None:
+        self.files[name] = f.close()
 
 
-def merge_parts(
-    path: str | os.PathLike, probe_embeddings: torch.Tensor, shards: Sequence[str] | None = None
-) -> dict:
-    """Merge parts/ of the cache at `path` into the final cache; returns the manifest.
+# ---------------------------------------------------------------------------------------------
+# Pass 1: select and check
 
-    probe_embeddings: (len(PROBE_CAPTIONS), dim) float embeddings of PROBE_CAPTIONS, computed
-    exactly as the cached captions were (stored fp32 in probe.bin).
-    shards: the shards the cache must hold, in merge order; each needs its done marker. Without
-    it, every shard present in parts/ is merged (sorted by name) and any unfinished one refuses.
-    """
-    path = Path(path)
-    parts = path / PARTS_DIR
-    if (path / MANIFEST_FILE).exists():
-        raise FileExistsError(f"{path} is already merged ({MANIFEST_FILE} exists)")
+
+def _read_config(path: Path, parts: Path) -> tuple[CacheSpec, Storage]:
     if not (parts / CONFIG_FILE).is_file():
         raise IncompleteCacheError(f"{path} has no {PARTS_DIR}/{CONFIG_FILE}: nothing was written there")
     config = read_json(parts / CONFIG_FILE)
-    spec = CacheSpec.from_dict(config["spec"])
-    st = storage_of(config["storage_code"])
-    dim = spec.dim
-    stride = row_stride(dim, st)
+    return CacheSpec.from_dict(config["spec"]), storage_of(config["storage_code"])
 
-    # ---- which shards, all done?
+
+def _select_shards(path: Path, parts: Path, shards: Sequence[str] | None) -> list[dict]:
+    """The done markers of the shards to merge, in merge order; refuses unfinished or stray shards."""
     done = {}
     for p in parts.glob("*.done"):
         meta = read_json(p)
@@ -147,71 +178,115 @@ def merge_parts(
             raise ValueError(f"{parts} holds done shards that are not in the list: {extra[:10]}")
     if not order:
         raise IncompleteCacheError(f"refusing to merge {path}: no shards")
-    metas = [done[name] for name in order]
+    return [done[name] for name in order]
+
+
+def _check_parts(parts: Path, metas: list[dict], st: Storage, dim: int) -> None:
+    stride = row_stride(dim, st)
     for m in metas:
         if (m["storage_code"], m["dim"], m["row_stride"]) != (st.code, dim, stride):
             raise CorruptCacheError(
                 f"shard {m['name']!r} was written with another storage/dim than {CONFIG_FILE}"
             )
-        _check_part_size(_part(parts, m["id"], "rows"), m["rows"] * stride)
-        _check_part_size(_part(parts, m["id"], "texthash"), m["rows"] * TEXT_HASH_BYTES)
-        _check_part_size(_part(parts, m["id"], "entries"), m["captions"] * ENTRY_DTYPE.itemsize)
+        sizes = {"rows": m["rows"] * stride, "texthash": m["rows"] * TEXT_HASH_BYTES}
+        sizes["entries"] = m["captions"] * ENTRY_DTYPE.itemsize
         if st.quantized:
-            _check_part_size(_part(parts, m["id"], "scales"), m["rows"] * 4)
+            sizes["scales"] = m["rows"] * 4
+        for suffix, expected in sizes.items():
+            _check_part_size(part_path(parts, m["id"], suffix), expected)
 
+
+def _check_part_size(path: Path, expected: int) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CorruptCacheError(f"part file {path} is missing") from None
+    if size != expected:
+        raise CorruptCacheError(f"part file {path} has {size} bytes, its done marker implies {expected}")
+
+
+def _checked_probe(probe_embeddings: torch.Tensor, dim: int) -> torch.Tensor:
     probe = torch.as_tensor(probe_embeddings).detach().to("cpu", torch.float32).contiguous()
     if probe.shape != (len(PROBE_CAPTIONS), dim):
         raise ValueError(f"probe_embeddings must be ({len(PROBE_CAPTIONS)}, {dim}), got {tuple(probe.shape)}")
     if not bool(torch.isfinite(probe).all()):
         raise ValueError("probe_embeddings have non-finite values")
+    return probe
 
-    # ---- pass 1: dedup across writers
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: dedup across writers
+
+
+def _dedup_across_writers(parts: Path, metas: list[dict]) -> list[np.ndarray]:
+    """Per shard, the mask of its stored rows that no earlier shard (in merge order) stored."""
     seen = HashSet128()
     keep: list[np.ndarray] = []
     for m in metas:
-        th = np.fromfile(_part(parts, m["id"], "texthash"), dtype=TEXT_HASH_DTYPE)
+        th = np.fromfile(part_path(parts, m["id"], "texthash"), dtype=TEXT_HASH_DTYPE)
         k = first_unseen(th, seen)
         seen.add(th[k])
         keep.append(k)
-    del seen
-    n_rows = int(sum(int(k.sum()) for k in keep))
-    n_entries = int(sum(m["captions"] for m in metas))
+    return keep
 
-    # ---- pass 2: rows, scales, text hashes
-    tmp = {
-        name: path / (name + ".tmp")
-        for name in (ROWS_FILE, SCALES_FILE, TEXTHASH_FILE, INDEX_FILE, PROBE_FILE)
-    }
-    rows_f = _HashingFile(tmp[ROWS_FILE])
+
+# ---------------------------------------------------------------------------------------------
+# Passes 3-5: the final files
+
+
+def _write_rows(out: _Outputs, parts: Path, metas: list[dict], keep: list[np.ndarray], st, dim: int) -> None:
+    """rows.bin, scales.bin (quantised storages) and texthash.bin: the kept rows, streamed."""
+    n_rows = int(sum(int(k.sum()) for k in keep))
+    stride = row_stride(dim, st)
+    rows_f = out.open(ROWS_FILE)
     rows_f.write(rows_header(st, dim, n_rows).pack())
     scales_f = None
     if st.quantized:
-        scales_f = _HashingFile(tmp[SCALES_FILE])
+        scales_f = out.open(SCALES_FILE)
         scales_f.write(scales_header(st, n_rows).pack())
-    th_f = _HashingFile(tmp[TEXTHASH_FILE])
+    th_f = out.open(TEXTHASH_FILE)
     chunk = max(1, CHUNK_BYTES // stride)
     for m, k in zip(metas, keep):
-        with open(_part(parts, m["id"], "rows"), "rb") as f:
+        with open(part_path(parts, m["id"], "rows"), "rb") as f:
             for lo in range(0, m["rows"], chunk):
                 hi = min(lo + chunk, m["rows"])
                 block = np.frombuffer(f.read((hi - lo) * stride), dtype=np.uint8).reshape(hi - lo, stride)
                 rows_f.write(np.ascontiguousarray(block[k[lo:hi]]))
         if scales_f is not None:
-            scales_f.write(np.fromfile(_part(parts, m["id"], "scales"), dtype="<f4")[k])
-        th_f.write(np.fromfile(_part(parts, m["id"], "texthash"), dtype=TEXT_HASH_DTYPE)[k])
-    files = {ROWS_FILE: rows_f.close()}
+            scales_f.write(np.fromfile(part_path(parts, m["id"], "scales"), dtype="<f4")[k])
+        th_f.write(np.fromfile(part_path(parts, m["id"], "texthash"), dtype=TEXT_HASH_DTYPE)[k])
+    out.close(ROWS_FILE, rows_f)
     if scales_f is not None:
-        files[SCALES_FILE] = scales_f.close()
-    files[TEXTHASH_FILE] = th_f.close()
+        out.close(SCALES_FILE, scales_f)
+    out.close(TEXTHASH_FILE, th_f)
 
-    # ---- pass 3: key index
-    final_th = np.fromfile(tmp[TEXTHASH_FILE], dtype=TEXT_HASH_DTYPE)
+
+def _write_index(out: _Outputs, parts: Path, metas: list[dict]) -> None:
+    """index.bin: every entry's key hash, sorted, with the final row of its caption."""
+    keys, rows = _resolve_entries(out.tmp(TEXTHASH_FILE), parts, metas)
+    order = np.argsort(keys, kind="stable")
+    keys_sorted = keys[order]
+    del keys
+    dup = np.flatnonzero(keys_sorted[1:] == keys_sorted[:-1])
+    if dup.size:
+        raise KeyCollisionError(_collision_report(parts, metas, order, dup))
+    idx_f = out.open(INDEX_FILE)
+    idx_f.write(index_header(len(keys_sorted)).pack())
+    idx_f.write(keys_sorted.astype("<u8", copy=False))
+    del keys_sorted
+    idx_f.write(rows[order].astype("<i8", copy=False))
+    out.close(INDEX_FILE, idx_f)
+
+
+def _resolve_entries(texthash_path: Path, parts: Path, metas: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(key hashes, final row ids) of every entry of every shard, in merge order."""
+    final_th = np.fromfile(texthash_path, dtype=TEXT_HASH_DTYPE)
     th_order = np.argsort(final_th, kind="stable")
     th_sorted = final_th[th_order]
     del final_th
     keys_parts, rows_parts = [], []
     for m in metas:
-        e = np.fromfile(_part(parts, m["id"], "entries"), dtype=ENTRY_DTYPE)
+        e = np.fromfile(part_path(parts, m["id"], "entries"), dtype=ENTRY_DTYPE)
         r = sorted_lookup(th_sorted, th_order, e["text"])
         if (r < 0).any():
             raise CorruptCacheError(
@@ -219,43 +294,18 @@ def merge_parts(
             )
         keys_parts.append(e["key"].astype(np.uint64))
         rows_parts.append(r)
-    del th_sorted, th_order
-    keys = np.concatenate(keys_parts)
-    rows = np.concatenate(rows_parts)
-    del keys_parts, rows_parts
-    order = np.argsort(keys, kind="stable")
-    keys_sorted = keys[order]
-    del keys
-    dup = np.flatnonzero(keys_sorted[1:] == keys_sorted[:-1])
-    if dup.size:
-        raise KeyCollisionError(_collision_report(parts, metas, order, dup))
-    idx_f = _HashingFile(tmp[INDEX_FILE])
-    idx_f.write(index_header(n_entries).pack())
-    idx_f.write(keys_sorted.astype("<u8", copy=False))
-    del keys_sorted
-    idx_f.write(rows[order].astype("<i8", copy=False))
-    del rows, order
-    files[INDEX_FILE] = idx_f.close()
+    return np.concatenate(keys_parts), np.concatenate(rows_parts)
 
-    probe_f = _HashingFile(tmp[PROBE_FILE])
+
+def _write_probe(out: _Outputs, probe: torch.Tensor) -> None:
+    probe_f = out.open(PROBE_FILE)
     probe_f.write(probe.numpy().astype("<f4", copy=False))
-    files[PROBE_FILE] = probe_f.close()
+    out.close(PROBE_FILE, probe_f)
 
-    # ---- into place, manifest last
-    for name in files:
-        os.replace(tmp[name], path / name)
-    fsync_dir(path)
-    shard_list = [
-        {
-            "name": m["name"],
-            "samples": m["samples"],
-            "captions": m["captions"],
-            "rows_written": m["rows"],
-            "rows_added": int(k.sum()),
-            "rank": m["rank"],
-        }
-        for m, k in zip(metas, keep)
-    ]
+
+def _manifest(spec: CacheSpec, st: Storage, metas: list[dict], keep: list[np.ndarray], out: _Outputs) -> dict:
+    n_rows = int(sum(int(k.sum()) for k in keep))
+    n_entries = int(sum(m["captions"] for m in metas))
     rows_written = int(sum(m["rows"] for m in metas))
     manifest = {
         "format": FORMAT_NAME,
@@ -274,14 +324,24 @@ def merge_parts(
             if st.quantized
             else None
         ),
-        "dim": dim,
-        "row_stride": stride,
+        "dim": spec.dim,
+        "row_stride": row_stride(spec.dim, st),
         "header_bytes": HEADER_BYTES,
         "rows": n_rows,
         "index_entries": n_entries,
-        "files": files,
-        "shards": shard_list,
-        "key_index": {"hash": KEY_HASH_NAME, "entries": n_entries, "sha256": files[INDEX_FILE]["sha256"]},
+        "files": out.files,
+        "shards": [
+            {
+                "name": m["name"],
+                "samples": m["samples"],
+                "captions": m["captions"],
+                "rows_written": m["rows"],
+                "rows_added": int(k.sum()),
+                "rank": m["rank"],
+            }
+            for m, k in zip(metas, keep)
+        ],
+        "key_index": {"hash": KEY_HASH_NAME, "entries": n_entries, "sha256": out.files[INDEX_FILE]["sha256"]},
         "dedup": {
             "text_hash": TEXT_HASH_NAME,
             "normalization": TEXT_NORMALIZATION,
@@ -296,16 +356,13 @@ def merge_parts(
             "file": PROBE_FILE,
             "captions": list(PROBE_CAPTIONS),
             "count": len(PROBE_CAPTIONS),
-            "dim": dim,
+            "dim": spec.dim,
             "dtype": "float32",
             "min_cosine": PROBE_MIN_COSINE,
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "software": {"torch": torch.__version__, "numpy": np.__version__},
     }
-    atomic_write_json(path / MANIFEST_FILE, manifest)
-    shutil.rmtree(parts)
-    fsync_dir(path)
     return manifest
 
 
@@ -317,7 +374,7 @@ def _collision_report(parts: Path, metas: list[dict], order: np.ndarray, dup: np
     def triple(entry: int) -> tuple[str, str, str]:
         s = int(np.searchsorted(starts, entry, side="right") - 1)
         if s not in lines_cache:
-            lines_cache[s] = _part(parts, metas[s]["id"], "keys").read_bytes().decode().split("\n")
+            lines_cache[s] = part_path(parts, metas[s]["id"], "keys").read_bytes().decode().split("\n")
         key, field = lines_cache[s][entry - starts[s]].split("\x1f")
         return metas[s]["name"], key, field
 

@@ -25,9 +25,7 @@ therefore fully deduplicated; only extraction work and parts/ space are spent on
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,57 +35,32 @@ import torch
 
 from ..files import atomic_write_json, fsync_dir, read_json
 from .format import (
+    CONFIG_FILE,
+    ENTRY_DTYPE,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    PART_SUFFIXES,
     PARTS_DIR,
+    TEXT_HASH_DTYPE,
     KeyCollisionError,
     StaleCacheError,
     Storage,
     encode_rows,
+    part_path,
     row_stride,
+    shard_id,
     storage_of,
 )
-from .index import (
-    TEXT_HASH_DTYPE,
-    HashSet128,
-    _broadcast,
-    check_name,
-    first_unseen,
-    key_hashes,
-    text_hashes,
-)
+from .index import HashSet128, _broadcast, check_name, first_unseen, key_hashes, text_hashes
 from .manifest import CacheSpec, check_spec
+from .merge import merge_parts
 
-CONFIG_FILE = "config.json"
-# One index entry in a part: the key hash and the text hash of its caption (merge resolves the
-# text hash to the final row, across shards and ranks).
-ENTRY_DTYPE = np.dtype([("key", "<u8"), ("text", TEXT_HASH_DTYPE)])
-PART_SUFFIXES = ("rows", "scales", "texthash", "entries", "keys")
 _BUF = 1 << 20
-
-
-def shard_id(name: str) -> str:
-    """File-name-safe id of a shard name: a readable prefix plus 48 bits of its hash."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[-64:].lstrip(".") or "shard"
-    return f"{safe}-{hashlib.blake2b(name.encode(), digest_size=6).hexdigest()}"
-
-
-_PART_NAME = re.compile(r"^(.*-[0-9a-f]{12})\.(rows|scales|texthash|entries|keys|done)(\..*)?$")
-
-
-def part_id(filename: str) -> str | None:
-    """The shard id of a file in parts/ (None for other files, e.g. config.json)."""
-    m = _PART_NAME.match(filename)
-    return m.group(1) if m else None
 
 
 def shards_for_rank(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
     """The shards rank `rank` writes: shard i goes to rank i % world_size."""
     return list(shards)[rank::world_size]
-
-
-def _part(parts: Path, sid: str, suffix: str) -> Path:
-    return parts / f"{sid}.{suffix}"
 
 
 class CacheWriter:
@@ -136,7 +109,8 @@ class CacheWriter:
         self._seen = HashSet128()
         for meta in self._done_metas().values():
             if meta["rank"] == self.rank and meta["rows"]:
-                self._seen.add(np.fromfile(_part(self.parts, meta["id"], "texthash"), dtype=TEXT_HASH_DTYPE))
+                texthash = part_path(self.parts, meta["id"], "texthash")
+                self._seen.add(np.fromfile(texthash, dtype=TEXT_HASH_DTYPE))
 
     # ---------------------------------------------------------------------------------------
     def _config(self) -> dict:
@@ -187,7 +161,7 @@ class CacheWriter:
         if name in self._open:
             raise ValueError(f"shard {name!r} is already open")
         sid = shard_id(name)
-        if _part(self.parts, sid, "done").exists():
+        if part_path(self.parts, sid, "done").exists():
             raise ValueError(f"shard {name!r} is already done in {self.path}")
         self._discard(sid)  # leftovers of a writer killed mid-shard
         self._open.add(name)
@@ -203,7 +177,7 @@ class CacheWriter:
 
     def _discard(self, sid: str) -> None:
         for suffix in PART_SUFFIXES:
-            for p in (_part(self.parts, sid, suffix), _part(self.parts, sid, suffix + ".tmp")):
+            for p in (part_path(self.parts, sid, suffix), part_path(self.parts, sid, suffix + ".tmp")):
                 p.unlink(missing_ok=True)
 
     def merge(self, probe_embeddings: torch.Tensor, shards: Sequence[str] | None = None) -> dict:
@@ -212,8 +186,6 @@ class CacheWriter:
         Run once, on one rank, after every writer has finished. `shards` lists the shards the
         cache must hold, in order; without it, every shard found in parts/ (sorted by name).
         """
-        from .merge import merge_parts
-
         return merge_parts(self.path, probe_embeddings, shards=shards)
 
 
@@ -231,7 +203,9 @@ class ShardWriter:
         self._key_hashes: list[np.ndarray] = []
         self._pending = HashSet128()  # text hashes stored by this shard
         suffixes = [s for s in PART_SUFFIXES if s != "scales" or writer.storage.quantized]
-        self._files = {s: open(_part(writer.parts, sid, s + ".tmp"), "wb", buffering=_BUF) for s in suffixes}
+        self._files = {
+            s: open(part_path(writer.parts, sid, s + ".tmp"), "wb", buffering=_BUF) for s in suffixes
+        }
 
     def add(self, key: str, field: str, caption: str, embedding: torch.Tensor | np.ndarray) -> None:
         """Add one caption: embedding is (dim,)."""
@@ -312,7 +286,7 @@ class ShardWriter:
             os.fsync(f.fileno())
             f.close()
         for suffix in self._files:
-            os.replace(_part(parts, self.id, suffix + ".tmp"), _part(parts, self.id, suffix))
+            os.replace(part_path(parts, self.id, suffix + ".tmp"), part_path(parts, self.id, suffix))
         fsync_dir(parts)
         w = self.writer
         meta = {
@@ -326,11 +300,11 @@ class ShardWriter:
             "dim": w.dim,
             "row_stride": w.stride,
         }
-        atomic_write_json(_part(parts, self.id, "done"), meta)
+        atomic_write_json(part_path(parts, self.id, "done"), meta)
         w._seen.update(self._pending)
 
     def _abort(self) -> None:
         for f in self._files.values():
             f.close()
-        _part(self.writer.parts, self.id, "done").unlink(missing_ok=True)  # done implies complete parts
+        part_path(self.writer.parts, self.id, "done").unlink(missing_ok=True)  # done implies complete parts
         self.writer._discard(self.id)
