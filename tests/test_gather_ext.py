@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from llm2clip.cache import _ext
+from llm2clip.cache.gather import AsyncGather
 
 requires_ext = pytest.mark.skipif(
     not _ext.AVAILABLE, reason=f"llm2clip._C is not available: {_ext.UNAVAILABLE_REASON}"
@@ -257,7 +258,7 @@ def test_matches_the_cache_fallback():
 def test_async_gather_cpu_runs_inline():
     table, scales = make_table(40, 59, 2)
     idx = make_index(40, 12)
-    ag = _ext.AsyncGather()
+    ag = AsyncGather()
     ag.launch(table, scales, idx, 59, 2, torch.bfloat16)
     assert ag.ready()
     assert_same(ag.wait(), reference(table, scales, idx, 59, 2, torch.bfloat16))
@@ -371,7 +372,7 @@ def test_cuda_host_table_rejects_cuda_tensor():
 @requires_cuda
 def test_cuda_async_gather():
     table, scales = make_table(500, 4096, 1, device="cuda")
-    ag = _ext.AsyncGather()
+    ag = AsyncGather()
     for step in range(3):
         idx = make_index(500, 2048, seed=step, device="cuda") * 1  # made on the current stream
         ag.launch(table, scales, idx, 4096, 1, torch.bfloat16)

@@ -1,10 +1,12 @@
 """Caption-embedding cache: write once per (model, template, ...), read memory-mapped while training.
 
-See DESIGN.md section 3 and the module docstrings: format (files, headers, storage codes),
-index (key / text hashes), writer + merge (resumable multi-rank writing), reader (EmbeddingCache),
-gather (row gather + dequantisation; C++/CUDA extension with a PyTorch fallback).
+Modules: format (files, headers, storage codes, the parts/ layout), index (key / text hashes),
+writer + merge (resumable multi-rank writing), reader (EmbeddingCache), gather (row gather +
+dequantisation, the side-stream gather; C++/CUDA extension in _ext with a PyTorch fallback),
+device (DeviceRows: the device tiers).
 """
 
+from .device import TIERS, DeviceRows
 from .format import (
     FORMAT_VERSION,
     STORAGES,
@@ -17,7 +19,7 @@ from .format import (
     row_stride,
     storage_of,
 )
-from .gather import available_backends, ext_available, gather_rows
+from .gather import AsyncGather, available_backends, ext_available, gather_rows
 from .index import key_hashes, normalize_caption, shard_name, text_hashes
 from .manifest import POOLING_MODES, PROBE_CAPTIONS, PROBE_MIN_COSINE, CacheSpec
 from .merge import merge_parts
@@ -30,10 +32,13 @@ __all__ = [
     "PROBE_CAPTIONS",
     "PROBE_MIN_COSINE",
     "STORAGES",
+    "TIERS",
+    "AsyncGather",
     "CacheError",
     "CacheSpec",
     "CacheWriter",
     "CorruptCacheError",
+    "DeviceRows",
     "EmbeddingCache",
     "IncompleteCacheError",
     "KeyCollisionError",

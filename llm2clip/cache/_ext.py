@@ -1,5 +1,6 @@
 """Python side of the C++/CUDA row gather `llm2clip._C` (csrc/): fake kernels for torch.compile,
-the sort/dedup gather, the device error flag, the host-mapped tier and the side-stream helper.
+the sort/dedup gather, the device error flag and the host-mapped tier. A thin wrapper: the backend
+choice and the side-stream gather live in gather.py, the device tiers in device.py.
 
     out[i, :] = dequant(table[index[i], :dim])      out: (n, dim) bf16 or fp32
 
@@ -18,7 +19,6 @@ Module contents:
     GatherErrors         the CUDA error flag: out-of-range ids write zero rows and count here;
                          only .count() / .check() synchronise with the device
     register_host_table  zero-copy CUDA alias of a (memory-mapped) CPU table
-    AsyncGather          gather on a side stream, .wait() joins it to the current stream
 
 Build and environment flags: setup.py.
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import warnings
-from collections.abc import Callable
 
 import torch
 
@@ -226,82 +225,3 @@ def register_host_table(
         raise RuntimeError("llm2clip._C was built without CUDA: register_host_table is unavailable")
     index = -1 if device is None else _resolve_device(device).index
     return torch.ops.llm2clip.register_host_table(cpu_table, index, bool(read_only))
-
-
-# ---------------------------------------------------------------------------- side stream
-
-
-class AsyncGather:
-    """Run gather_rows on a side stream so it overlaps the work queued on the current stream.
-
-        ag = AsyncGather()                     # one per loop: it owns a CUDA stream
-        ag.launch(table, scales, ids, dim, code, torch.bfloat16)   # ids made on the current stream
-        image_feats = vision(images)           # queued meanwhile on the current stream
-        text_embeds = ag.wait()                # the current stream waits for the gather's event
-
-    launch() makes the side stream wait for the current stream (the ids may still be computed),
-    launches the gather there, records an event and record_stream()s the ids on the side stream;
-    wait() makes the current stream wait for that event and record_stream()s the output on it, so
-    the caching allocator never hands either out again too early. Neither synchronises the host.
-    CPU tables run synchronously.
-    """
-
-    def __init__(self, device: torch.device | str | int | None = None, priority: int = 0):
-        self._device = device
-        self._stream: torch.cuda.Stream | None = None
-        self._priority = priority
-        self._pending: tuple[torch.Tensor, torch.cuda.Event | None, torch.Tensor] | None = None
-
-    @property
-    def stream(self) -> torch.cuda.Stream:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(_resolve_device(self._device), priority=self._priority)
-        return self._stream
-
-    def launch(
-        self,
-        table_u8: torch.Tensor,
-        scales: torch.Tensor | None,
-        index: torch.Tensor,
-        dim: int,
-        storage_code: int,
-        out_dtype: torch.dtype = torch.bfloat16,
-        gather: Callable[..., torch.Tensor] | None = None,
-        **kwargs,
-    ) -> None:
-        """Start the gather; `gather` defaults to this module's gather_rows (kwargs go to it)."""
-        if self._pending is not None:
-            raise RuntimeError("AsyncGather.launch: the previous gather was never wait()ed for")
-        gather = gather or gather_rows
-        if table_u8.device.type != "cuda":
-            self._pending = (
-                gather(table_u8, scales, index, dim, storage_code, out_dtype, **kwargs),
-                None,
-                index,
-            )
-            return
-        stream = self.stream
-        current = torch.cuda.current_stream(table_u8.device)
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            out = gather(table_u8, scales, index, dim, storage_code, out_dtype, **kwargs)
-            event = torch.cuda.Event()
-            event.record(stream)
-        index.record_stream(stream)  # allocated on the current stream, read on the side stream
-        self._pending = (out, event, index)
-
-    def ready(self) -> bool:
-        """Whether the launched gather has finished (no synchronisation)."""
-        return self._pending is None or self._pending[1] is None or self._pending[1].query()
-
-    def wait(self) -> torch.Tensor:
-        """The gathered rows, usable on the current stream (no host synchronisation)."""
-        if self._pending is None:
-            raise RuntimeError("AsyncGather.wait: nothing was launched")
-        out, event, _ = self._pending
-        self._pending = None
-        if event is not None:
-            current = torch.cuda.current_stream(out.device)
-            current.wait_event(event)
-            out.record_stream(current)  # allocated on the side stream, used on the current one
-        return out

@@ -8,14 +8,19 @@ Two backends behind one selector (`backend=`):
   else: the index is a CUDA tensor).
 * "torch": this file's pure-PyTorch reference and fallback: view the table bytes as the storage
   dtype, index_select the rows, dequantise in fp32 (q * scale), cast. A CPU table with a CUDA
-  index is gathered on the CPU and copied over (the baseline to beat in DESIGN.md section 3).
+  index is gathered on the CPU and copied over (the baseline to beat, docs/cache.md).
 
 "auto" falls back to "torch" with ONE warning per process when the extension is unavailable
 (never built, failed to import, or built without CUDA); nothing is imported before the first call.
+
+AsyncGather runs gather_rows on a CUDA side stream so it overlaps the work queued meanwhile on the
+current stream; its stream and event calls go through a CudaStreams object, which a test replaces
+with a recorder to check the order of operations on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -44,6 +49,16 @@ def _load_ext():
                 why = getattr(_ext, "UNAVAILABLE_REASON", None) or "_ext.AVAILABLE is False"
                 st["reason"] = f"llm2clip.cache._ext is unavailable ({why})"
     return st["module"]
+
+
+def ext_module():
+    """The extension module (llm2clip.cache._ext) if it can be used here, else None."""
+    return _load_ext()
+
+
+def ext_unavailable_reason() -> str | None:
+    _load_ext()
+    return _ext_state["reason"]
 
 
 def ext_available() -> bool:
@@ -151,3 +166,111 @@ def gather_rows_torch(table_u8, scales, index, dim, storage_code, out_dtype=torc
     else:
         out = q.to(out_dtype)
     return out.to(index.device).contiguous()
+
+
+# ---------------------------------------------------------------------------- side stream
+
+
+class CudaStreams:
+    """The stream and event calls of AsyncGather (torch.cuda). A test passes a recorder with the
+    same methods, whose streams have wait_stream / wait_event and whose events have record / query,
+    to check the order of operations without a GPU."""
+
+    def current_stream(self, device: torch.device):
+        return torch.cuda.current_stream(device)
+
+    def new_stream(self, device: torch.device, priority: int = 0):
+        return torch.cuda.Stream(device, priority=priority)
+
+    def use_stream(self, stream) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(stream)
+
+    def new_event(self):
+        return torch.cuda.Event()
+
+    def record_stream(self, tensor: torch.Tensor, stream) -> None:
+        tensor.record_stream(stream)
+
+
+class AsyncGather:
+    """Run gather_rows on a side stream so it overlaps the work queued on the current stream.
+
+        ag = AsyncGather("cuda")               # one per loop: it owns a CUDA stream
+        ag.launch(table, scales, ids, dim, code, torch.bfloat16)   # ids made on the current stream
+        image_feats = vision(images)           # queued meanwhile on the current stream
+        text_embeds = ag.wait()                # the current stream waits for the gather's event
+
+    launch() makes the side stream wait for the current stream (the ids may still be computed),
+    launches the gather there, records an event and record_stream()s the ids on the side stream;
+    wait() makes the current stream wait for that event and record_stream()s the output on it, so
+    the caching allocator never hands either out again too early. Neither synchronises the host.
+
+    device: where the side stream lives (default: the table's device at launch); on a CPU device
+    the gather runs inside launch(). streams: the stream/event calls (default CudaStreams()).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str | int | None = None,
+        priority: int = 0,
+        streams: CudaStreams | None = None,
+    ):
+        self._device = None if device is None else _cuda_device(device)
+        self._streams = streams or CudaStreams()
+        self._priority = priority
+        self._stream = None
+        self._pending: tuple[torch.Tensor, object | None] | None = None
+
+    @property
+    def stream(self):
+        """The side stream (created on first use)."""
+        if self._stream is None:
+            self._stream = self._streams.new_stream(self._device or _cuda_device(None), self._priority)
+        return self._stream
+
+    def launch(
+        self, table_u8: torch.Tensor, scales, index: torch.Tensor, *rest, backend: str = "auto"
+    ) -> None:
+        """Start gather_rows(table_u8, scales, index, *rest, backend=backend); rest is
+        (dim, storage_code[, out_dtype])."""
+        if self._pending is not None:
+            raise RuntimeError("AsyncGather.launch: the previous gather was never wait()ed for")
+        args = (table_u8, scales, index, *rest)
+        device = self._device if self._device is not None else table_u8.device
+        if device.type != "cuda":  # nothing to overlap with: gather here and now
+            self._pending = (gather_rows(*args, backend=backend), None)
+            return
+        self._device = device
+        s = self._streams
+        stream = self.stream
+        stream.wait_stream(s.current_stream(self._device))
+        with s.use_stream(stream):
+            out = gather_rows(*args, backend=backend)
+            event = s.new_event()
+            event.record(stream)
+        s.record_stream(index, stream)  # allocated on the current stream, read on the side stream
+        self._pending = (out, event)
+
+    def ready(self) -> bool:
+        """Whether the launched gather has finished (no synchronisation)."""
+        return self._pending is None or self._pending[1] is None or self._pending[1].query()
+
+    def wait(self) -> torch.Tensor:
+        """The gathered rows, usable on the current stream (no host synchronisation)."""
+        if self._pending is None:
+            raise RuntimeError("AsyncGather.wait: nothing was launched")
+        out, event = self._pending
+        self._pending = None
+        if event is not None:
+            current = self._streams.current_stream(self._device)
+            current.wait_event(event)
+            self._streams.record_stream(out, current)  # allocated on the side stream, used on this one
+        return out
+
+
+def _cuda_device(device) -> torch.device:
+    """A CUDA device with its index (the current one when none is given)."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
