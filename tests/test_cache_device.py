@@ -194,6 +194,23 @@ def test_choose_tier_threshold():
     assert choose_tier("host", 1, 1000) == "host" and choose_tier("gpu", 10**12, 1) == "gpu"
 
 
+def test_launch_checks_the_rows_first(cache, recording_gather, monkeypatch):
+    rec = StreamRecorder()
+    recording_gather.append(rec)
+    rows = DeviceRows(cache, "cuda", "gpu", runtime=rec)
+    rec.log.clear()
+    with pytest.raises(IndexError, match="out of range"):
+        rows.launch(torch.tensor([0, cache.num_rows]))
+    assert rec.log == [], "nothing copied or gathered"
+    called = []
+    monkeypatch.setattr(cache, "check_rows", called.append)
+    for check in (False, True):
+        rows = DeviceRows(cache, "cuda", "gpu", check=check, runtime=rec)
+        rows.launch(_ids(cache, 3))
+        rows.wait()
+    assert len(called) == 1
+
+
 # ------------------------------------------------------------------------------------------------
 # A real GPU
 

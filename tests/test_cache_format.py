@@ -54,7 +54,7 @@ def test_header_layout():
     raw = fmt.rows_header(st, 59, 1234).pack()
     assert len(raw) == fmt.HEADER_BYTES == 4096
     assert raw[:8] == b"L2CROWS\0"
-    assert struct.unpack_from("<IIQQQ", raw, 8) == (fmt.FORMAT_VERSION, 3, 59, 128, 1234)
+    assert struct.unpack_from("<IIQQQ", raw, 8) == (fmt.FILE_VERSION, 3, 59, 128, 1234)
     assert not any(raw[40:])
     assert fmt.Header.unpack(raw) == fmt.rows_header(st, 59, 1234)
     with pytest.raises(fmt.CorruptCacheError, match="padding"):

@@ -1,5 +1,6 @@
-"""EmbeddingCache.open refuses stale caches (field by field) and corrupt ones (flipped bytes,
-truncation, edited manifests, missing files), never returning garbage rows."""
+"""EmbeddingCache.open refuses stale caches (field by field) and structurally broken ones
+(truncation, edited manifests, missing files, bad headers), never returning garbage rows.
+Flipped bytes in the data, the verify modes and the verify CLI: test_cache_verify.py."""
 
 import json
 import shutil
@@ -8,7 +9,8 @@ from dataclasses import fields
 import pytest
 from test_cache_writer import build, make_spec
 
-from llm2clip.cache import CacheSpec, CorruptCacheError, EmbeddingCache, StaleCacheError
+from llm2clip.cache import FORMAT_VERSION, CacheSpec, CorruptCacheError, EmbeddingCache, StaleCacheError
+from llm2clip.cache.integrity import DIGEST_KEY, manifest_digest
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +28,14 @@ def cache_dir(built, tmp_path):
     return dst
 
 
-def _edit_manifest(path, fn):
+def _edit_manifest(path, fn, reseal=True):
+    """Apply fn to the manifest; reseal: update its digest too (an edit the digest cannot see, so
+    the checks behind it are what refuses the cache)."""
     p = path / "manifest.json"
     m = json.loads(p.read_text())
     fn(m)
+    if reseal:
+        m[DIGEST_KEY] = manifest_digest(m)
     p.write_text(json.dumps(m))
 
 
@@ -79,8 +85,8 @@ def test_flipped_byte_found_by_checksum(cache_dir, file):
     data = bytearray(p.read_bytes())
     data[-5] ^= 0x10  # in the data, not the header
     p.write_bytes(bytes(data))
-    EmbeddingCache.open(cache_dir)  # sizes and headers still agree: only the checksum can tell
-    with pytest.raises(CorruptCacheError, match=f"{file}: sha256"):
+    EmbeddingCache.open(cache_dir, verify="off")  # sizes and headers still agree: only a checksum can tell
+    with pytest.raises(CorruptCacheError, match=rf"{file}: block \d+ \(bytes \d+\.\.\d+.* fails its crc32"):
         EmbeddingCache.open(cache_dir, verify_checksums=True)
 
 
@@ -141,7 +147,7 @@ def test_bad_header_refused(cache_dir):
 def test_edited_manifest_refused(cache_dir, edit, match):
     _edit_manifest(cache_dir, edit)
     if match is None:
-        with pytest.raises(StaleCacheError, match="format_version: expected 1, found 99"):
+        with pytest.raises(StaleCacheError, match=f"format_version: expected {FORMAT_VERSION}, found 99"):
             EmbeddingCache.open(cache_dir)
     else:
         with pytest.raises(CorruptCacheError, match=match):
@@ -150,9 +156,18 @@ def test_edited_manifest_refused(cache_dir, edit, match):
 
 def test_edited_checksum_found_on_verify(cache_dir):
     _edit_manifest(cache_dir, lambda m: m["files"]["rows.bin"].update(sha256="ab" * 32))
-    EmbeddingCache.open(cache_dir)  # cheap checks cannot see it
+    EmbeddingCache.open(cache_dir)  # a resealed edit: lazy checks cannot see it
+    EmbeddingCache.open(cache_dir, verify="full")  # every block matches its crc32
     with pytest.raises(CorruptCacheError, match=r"rows\.bin: sha256 .* does not match"):
-        EmbeddingCache.open(cache_dir, verify_checksums=True)
+        EmbeddingCache.open(cache_dir, verify="full", sha256=True)
+
+
+def test_edit_without_reseal_found_by_the_digest(cache_dir):
+    _edit_manifest(cache_dir, lambda m: m["spec"].update(prompt_template="{caption}!"), reseal=False)
+    EmbeddingCache.open(cache_dir, verify="off")
+    for verify in ("lazy", "full"):
+        with pytest.raises(CorruptCacheError, match="manifest.json: manifest_sha256 .* does not match"):
+            EmbeddingCache.open(cache_dir, verify=verify)
 
 
 def test_unmerged_or_garbled_directory_refused(cache_dir, tmp_path):

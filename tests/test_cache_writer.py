@@ -93,13 +93,13 @@ def probe_embeddings(dim: int = DIM) -> torch.Tensor:
     return embed(list(PROBE_CAPTIONS), dim)
 
 
-def build(path, storage="bf16", n_shards=3, world=1) -> dict:
+def build(path, storage="bf16", n_shards=3, world=1, block_bytes=None) -> dict:
     names = shard_names(n_shards)
     writers = [CacheWriter(path, make_spec(), storage, rank=r, world_size=world) for r in range(world)]
     for r, w in enumerate(writers):
         for name in shards_for_rank(names, r, world):
             write_shard(w, name, names.index(name))
-    return writers[0].merge(probe_embeddings(), shards=names)
+    return writers[0].merge(probe_embeddings(), shards=names, block_bytes=block_bytes)
 
 
 def expected_rows(captions, storage) -> torch.Tensor:
@@ -139,7 +139,7 @@ def test_layout_header_and_alignment(tmp_path):
     assert stride == fmt.row_stride(DIM, "int8") == 128
     raw = (tmp_path / "rows.bin").read_bytes()
     assert len(raw) == 4096 + n * stride
-    assert fmt.Header.unpack(raw[:4096]) == fmt.Header(b"L2CROWS\0", fmt.FORMAT_VERSION, 3, DIM, stride, n)
+    assert fmt.Header.unpack(raw[:4096]) == fmt.Header(b"L2CROWS\0", fmt.FILE_VERSION, 3, DIM, stride, n)
     rows = np.frombuffer(raw, np.uint8, offset=4096).reshape(n, stride)
     assert not rows[:, DIM:].any(), "padding is zero"
     assert (tmp_path / "scales.bin").stat().st_size == 4096 + 4 * n

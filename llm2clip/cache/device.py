@@ -2,7 +2,7 @@
 lives (a tier chosen once). docs/cache.md ("Device tiers and the side-stream gather").
 
     rows = DeviceRows(cache, device, tier="auto", dtype=torch.bfloat16)
-    rows.launch(row_ids)   # (n,) int64 CPU tensor: the gather starts
+    rows.launch(row_ids)   # (n,) int64 CPU tensor: cache.check_rows, then the gather starts
     ...                    # the step's other work, queued meanwhile on the current stream
     text = rows.wait()     # (n, dim) dtype on device; the current stream waits for the gather
 
@@ -69,6 +69,8 @@ class DeviceRows:
 
     cache: an open EmbeddingCache. device: where the rows go. tier: "auto", "gpu", "host" or
     "cpu" (CUDA devices; ignored on the CPU). dtype: of the gathered rows (bfloat16 or float32).
+    check: call cache.check_rows(ids) in launch() (range check, lazy block verification); pass
+    False only when the ids were checked already in this process or a data worker.
     runtime: the CUDA calls (default CudaRuntime()).
     After construction .tier says where the table is: "gpu", "host" or "cpu".
     """
@@ -80,11 +82,12 @@ class DeviceRows:
         tier: str = "auto",
         dtype: torch.dtype = torch.bfloat16,
         *,
+        check: bool = True,
         runtime: CudaRuntime | None = None,
     ) -> None:
         if tier not in TIERS:
             raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
-        self.cache, self.device, self.dtype = cache, torch.device(device), dtype
+        self.cache, self.device, self.dtype, self.check = cache, torch.device(device), dtype, check
         self.table, self.scales = cache.rows_tensor(), cache.scales_tensor()
         self.tier = "cpu"
         self._runtime = runtime
@@ -116,11 +119,17 @@ class DeviceRows:
         return where
 
     def launch(self, row_ids: torch.Tensor | np.ndarray) -> None:
-        """Start gathering the rows of (n,) int64 row ids (a CPU tensor, pinned for an async copy)."""
+        """Start gathering the rows of (n,) int64 row ids (a CPU tensor, pinned for an async copy).
+
+        Checks them first (cache.check_rows, unless check=False): an out-of-range id raises
+        IndexError and a corrupt block CorruptCacheError, before anything is gathered.
+        """
         if self._pending is not None:
             raise RuntimeError("DeviceRows.launch: the previous gather was never wait()ed for")
         if isinstance(row_ids, np.ndarray):
             row_ids = torch.from_numpy(np.ascontiguousarray(row_ids, dtype=np.int64))
+        if self.check:
+            self.cache.check_rows(row_ids)
         dim, code = self.cache.dim, self.cache.storage_code
         if self._async is None:
             out = _gather.gather_rows(self.table, self.scales, row_ids, dim, code, self.dtype)

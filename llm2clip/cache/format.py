@@ -1,5 +1,5 @@
 """On-disk format of the caption-embedding cache: file names, headers, storage codes, row stride,
-quantisation, and the layout of the writers' parts/ folder.
+quantisation, and the layout of the writers' parts/ folder. docs/cache.md describes it in full.
 
 A cache is a directory::
 
@@ -9,20 +9,20 @@ A cache is a directory::
     index.bin      4096-byte header, then M sorted uint64 key hashes, then M int64 row ids
     texthash.bin   N x 16 bytes: blake2b-128 of the normalised caption text of each row
     probe.bin      len(PROBE_CAPTIONS) x dim float32 probe embeddings (no header)
+    checksums.bin  4096-byte header, then one uint32 crc32 per block of every file (integrity.py)
     manifest.json  written last and atomically; the cache does not exist without it
 
 Header (little-endian, the rest of the 4096 bytes zero)::
 
-    offset 0   8s   magic         b"L2CROWS\\0" / b"L2CSCAL\\0" / b"L2CINDX\\0"
-    offset 8   u32  version       FORMAT_VERSION
-    offset 12  u32  storage code  (index.bin: 0)
-    offset 16  u64  dim           (scales.bin: 1; index.bin: 0)
-    offset 24  u64  stride        bytes per row / element (scales.bin: 4; index.bin: 8)
-    offset 32  u64  count         rows (rows.bin, scales.bin) or index entries (index.bin)
+    offset 0   8s   magic         b"L2CROWS\\0" / b"L2CSCAL\\0" / b"L2CINDX\\0" / b"L2CSUMS\\0"
+    offset 8   u32  version       FILE_VERSION (the file's layout; FORMAT_VERSION is the cache's)
+    offset 12  u32  storage code  (index.bin, checksums.bin: 0)
+    offset 16  u64  dim           (scales.bin: 1; index.bin, checksums.bin: 0)
+    offset 24  u64  stride        bytes per row / element (scales.bin, checksums.bin: 4; index.bin: 8)
+    offset 32  u64  count         rows, index entries (index.bin) or block checksums (checksums.bin)
 
 Data start at byte 4096 so a memory map of the file is page- and 16-byte aligned, and a 128-byte
-row stride keeps every row on its own cache lines for the GPU gather (one warp per row, 16-byte
-loads).
+row stride keeps every row on its own cache lines for the GPU gather.
 
 Storage codes are shared with the C++/CUDA gather extension (csrc/): keep them exactly.
 
@@ -53,13 +53,19 @@ if sys.byteorder != "little":  # rows are stored in native byte order and viewed
     raise ImportError("llm2clip.cache supports little-endian machines only")
 
 FORMAT_NAME = "llm2clip-caption-embedding-cache"
-FORMAT_VERSION = 1
+# The cache's version (manifest.json). 2 added checksums.bin (per-block crc32) and the manifest's
+# digest; version-1 caches open with verify="full" or "off", and `python -m llm2clip.cache upgrade`
+# turns one into version 2 without touching its data files.
+FORMAT_VERSION = 2
+FORMAT_VERSIONS_READ = (1, 2)
+FILE_VERSION = 1  # the layout of rows.bin, scales.bin, index.bin, checksums.bin (their headers)
 HEADER_BYTES = 4096
 ROW_ALIGN = 128
 
 MAGIC_ROWS = b"L2CROWS\0"
 MAGIC_SCALES = b"L2CSCAL\0"
 MAGIC_INDEX = b"L2CINDX\0"
+MAGIC_SUMS = b"L2CSUMS\0"
 
 _HEADER = struct.Struct("<8sIIQQQ")
 
@@ -68,6 +74,7 @@ SCALES_FILE = "scales.bin"
 INDEX_FILE = "index.bin"
 TEXTHASH_FILE = "texthash.bin"
 PROBE_FILE = "probe.bin"
+CHECKSUMS_FILE = "checksums.bin"
 MANIFEST_FILE = "manifest.json"
 
 TEXT_HASH_BYTES = 16
@@ -179,6 +186,19 @@ class Header:
         return cls(*fields)
 
 
+def record_bytes(name: str, dim: int, stride: int) -> int:
+    """Bytes of one record of a cache file: a row, a scale, an index word, a text hash, a probe."""
+    units = {ROWS_FILE: stride, SCALES_FILE: 4, INDEX_FILE: 8, TEXTHASH_FILE: TEXT_HASH_BYTES}
+    return units.get(name, 4 * dim)  # probe.bin: one float32 row per probe caption
+
+
+def memmap(path: str | os.PathLike, dtype, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only memory map of part of a file (an empty array for an empty shape)."""
+    if int(np.prod(shape)) == 0:
+        return np.empty(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
 def read_header(path: str | os.PathLike) -> Header:
     with open(path, "rb") as f:
         raw = f.read(HEADER_BYTES)
@@ -186,15 +206,19 @@ def read_header(path: str | os.PathLike) -> Header:
 
 
 def rows_header(storage: Storage, dim: int, rows: int) -> Header:
-    return Header(MAGIC_ROWS, FORMAT_VERSION, storage.code, dim, row_stride(dim, storage), rows)
+    return Header(MAGIC_ROWS, FILE_VERSION, storage.code, dim, row_stride(dim, storage), rows)
 
 
 def scales_header(storage: Storage, rows: int) -> Header:
-    return Header(MAGIC_SCALES, FORMAT_VERSION, storage.code, 1, 4, rows)
+    return Header(MAGIC_SCALES, FILE_VERSION, storage.code, 1, 4, rows)
 
 
 def index_header(entries: int) -> Header:
-    return Header(MAGIC_INDEX, FORMAT_VERSION, 0, 0, 8, entries)
+    return Header(MAGIC_INDEX, FILE_VERSION, 0, 0, 8, entries)
+
+
+def checksums_header(blocks: int) -> Header:
+    return Header(MAGIC_SUMS, FILE_VERSION, 0, 0, 4, blocks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,6 +272,7 @@ def encode_rows(
 # merge.py reads them).
 
 PARTS_DIR = "parts"
+PARTS_VERSION = 1  # parts/config.json "format_version": the layout of parts/ (any cache format merges it)
 CONFIG_FILE = "config.json"
 PART_SUFFIXES = ("rows", "scales", "texthash", "entries", "keys")
 # One index entry in a part: the key hash and the text hash of its caption (merge resolves the

@@ -6,18 +6,18 @@ Passes (shards in merge order: the given list, or the shard names sorted; docs/c
 2. dedup across writers: read each part's text hashes (16 B/row); a row whose text hash an
    earlier part already stored is dropped (ranks cannot dedup against each other while writing).
 3. rows: stream rows / scales / text hashes into rows.bin, scales.bin, texthash.bin (temp names),
-   in chunks of CHUNK_BYTES, computing sha256 on the way: memory stays bounded.
+   in chunks of CHUNK_BYTES, computing sha256 and the block crc32s on the way: memory stays bounded.
 4. key index: resolve every entry's text hash to its final row (argsort + searchsorted over the
    final text hashes), sort the key hashes, fail on a 64-bit collision, write index.bin. This pass
    holds the index in memory: about 16 B per unique row plus 40 B per entry (LAION-400M with two
    captions per sample: ~35 GB), the one step that does not stream.
-5. probe.bin; fsync; rename the temp files into place; the manifest (atomic); remove parts/.
+5. probe.bin, then checksums.bin (every file's block crc32s); fsync; rename the temp files into
+   place; the manifest (atomic, sealed by its digest); remove parts/.
 A merge killed before the manifest leaves no cache (the loader refuses the directory); run it again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Sequence
@@ -29,6 +29,7 @@ import torch
 
 from ..files import atomic_write_json, fsync_dir, read_json
 from .format import (
+    CHECKSUMS_FILE,
     CONFIG_FILE,
     ENTRY_DTYPE,
     FORMAT_NAME,
@@ -47,15 +48,27 @@ from .format import (
     IncompleteCacheError,
     KeyCollisionError,
     Storage,
+    checksums_header,
     index_header,
     part_id,
     part_path,
+    record_bytes,
     row_stride,
     rows_header,
     scales_header,
     storage_of,
 )
 from .index import KEY_HASH_NAME, TEXT_HASH_NAME, TEXT_NORMALIZATION, HashSet128, first_unseen, sorted_lookup
+from .integrity import (
+    BLOCK_BYTES,
+    DIGEST_KEY,
+    BlockLayout,
+    ChecksummedFile,
+    block_bytes_for,
+    check_target,
+    integrity_section,
+    manifest_digest,
+)
 from .manifest import PROBE_CAPTIONS, PROBE_MIN_COSINE, CacheSpec
 
 CHUNK_BYTES = 64 << 20  # rows copied per read/write; bounds the merge's memory for rows
@@ -65,6 +78,8 @@ def merge_parts(
     path: str | os.PathLike,
     probe_embeddings: torch.Tensor,
     shards: Sequence[str] | None = None,
+    *,
+    block_bytes: int | None = None,
 ) -> dict:
     """Merge parts/ of the cache at `path` into the final cache; returns the manifest.
 
@@ -72,13 +87,16 @@ def merge_parts(
     exactly as the cached captions were (stored fp32 in probe.bin).
     shards: the shards the cache must hold, in merge order; each needs its done marker. Without
     it, every shard present in parts/ is merged (sorted by name) and any unfinished one refuses.
+    block_bytes: target size of the checksummed blocks (default integrity.BLOCK_BYTES, 16 KiB;
+    a multiple of 16); rows.bin blocks hold a whole number of rows.
     """
     path = Path(path)
     parts = path / PARTS_DIR
     if (path / MANIFEST_FILE).exists():
         raise FileExistsError(f"{path} is already merged ({MANIFEST_FILE} exists)")
+    target = check_target(BLOCK_BYTES if block_bytes is None else block_bytes)
     spec, st = _read_config(path, parts)
-    out = _Outputs(path)
+    out = _Outputs(path, target, spec.dim, row_stride(spec.dim, st))
     metas = _select_shards(path, parts, shards)
     _check_parts(parts, metas, st, spec.dim)
     probe = _checked_probe(probe_embeddings, spec.dim)
@@ -86,6 +104,7 @@ def merge_parts(
     _write_rows(out, parts, metas, keep, st, spec.dim)
     _write_index(out, parts, metas)
     _write_probe(out, probe)
+    _write_checksums(out)
     manifest = _manifest(spec, st, metas, keep, out)
     for name in out.files:
         os.replace(out.tmp(name), path / name)
@@ -96,43 +115,30 @@ def merge_parts(
     return manifest
 
 
-class _HashingFile:
-    """A file opened for writing that keeps the sha256 and size of what it was given."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.f = open(path, "wb", buffering=1 << 20)
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data) -> None:
-        mv = memoryview(data).cast("B")
-        self.f.write(mv)
-        self.sha.update(mv)
-        self.size += len(mv)
-
-    def close(self) -> dict:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        return {"size": self.size, "sha256": self.sha.hexdigest()}
-
-
 class _Outputs:
-    """The final files being written under temp names, and their manifest entries."""
+    """The final files being written under temp names: their manifest entries and block layouts."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, target: int, dim: int, stride: int) -> None:
+        self.path, self.target, self.dim, self.stride = path, target, dim, stride
         self.files: dict[str, dict] = {}
+        self.layouts: list[BlockLayout] = []
+        self.crcs: list[np.ndarray] = []
 
     def tmp(self, name: str) -> Path:
         return self.path / (name + ".tmp")
 
-    def open(self, name: str) -> _HashingFile:
-        return _HashingFile(self.tmp(name))
+    def open(self, name: str, offset: int) -> ChecksummedFile:
+        """Start writing `name`: `offset` header bytes, then its records (format.record_bytes)."""
+        unit = record_bytes(name, self.dim, self.stride)
+        return ChecksummedFile(self.tmp(name), offset, block_bytes_for(unit, self.target))
 
-    def close(self, name: str, f: _HashingFile) -> None:
-        self.files[name] = f.close()
+    def close(self, name: str, f: ChecksummedFile) -> None:
+        entry, crcs = f.close()
+        self.files[name] = entry
+        first = sum(layout.count for layout in self.layouts)
+        layout = BlockLayout(name, f.offset, entry["size"] - f.offset, f.sums.block_bytes, first)
+        self.layouts.append(layout)
+        self.crcs.append(crcs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,13 +244,13 @@ def _write_rows(out: _Outputs, parts: Path, metas: list[dict], keep: list[np.nda
     """rows.bin, scales.bin (quantised storages) and texthash.bin: the kept rows, streamed."""
     n_rows = int(sum(int(k.sum()) for k in keep))
     stride = row_stride(dim, st)
-    rows_f = out.open(ROWS_FILE)
+    rows_f = out.open(ROWS_FILE, HEADER_BYTES)
     rows_f.write(rows_header(st, dim, n_rows).pack())
     scales_f = None
     if st.quantized:
-        scales_f = out.open(SCALES_FILE)
+        scales_f = out.open(SCALES_FILE, HEADER_BYTES)
         scales_f.write(scales_header(st, n_rows).pack())
-    th_f = out.open(TEXTHASH_FILE)
+    th_f = out.open(TEXTHASH_FILE, 0)
     chunk = max(1, CHUNK_BYTES // stride)
     for m, k in zip(metas, keep):
         with open(part_path(parts, m["id"], "rows"), "rb") as f:
@@ -270,7 +276,7 @@ def _write_index(out: _Outputs, parts: Path, metas: list[dict]) -> None:
     dup = np.flatnonzero(keys_sorted[1:] == keys_sorted[:-1])
     if dup.size:
         raise KeyCollisionError(_collision_report(parts, metas, order, dup))
-    idx_f = out.open(INDEX_FILE)
+    idx_f = out.open(INDEX_FILE, HEADER_BYTES)
     idx_f.write(index_header(len(keys_sorted)).pack())
     idx_f.write(keys_sorted.astype("<u8", copy=False))
     del keys_sorted
@@ -298,9 +304,18 @@ def _resolve_entries(texthash_path: Path, parts: Path, metas: list[dict]) -> tup
 
 
 def _write_probe(out: _Outputs, probe: torch.Tensor) -> None:
-    probe_f = out.open(PROBE_FILE)
+    probe_f = out.open(PROBE_FILE, 0)
     probe_f.write(probe.numpy().astype("<f4", copy=False))
     out.close(PROBE_FILE, probe_f)
+
+
+def _write_checksums(out: _Outputs) -> None:
+    """checksums.bin: the block crc32s of every file written so far, in the order of out.layouts."""
+    crcs = np.concatenate(out.crcs) if out.crcs else np.empty(0, dtype="<u4")
+    f = ChecksummedFile(out.tmp(CHECKSUMS_FILE))
+    f.write(checksums_header(len(crcs)).pack())
+    f.write(crcs.astype("<u4", copy=False))
+    out.files[CHECKSUMS_FILE] = f.close()[0]
 
 
 def _manifest(spec: CacheSpec, st: Storage, metas: list[dict], keep: list[np.ndarray], out: _Outputs) -> dict:
@@ -330,6 +345,7 @@ def _manifest(spec: CacheSpec, st: Storage, metas: list[dict], keep: list[np.nda
         "rows": n_rows,
         "index_entries": n_entries,
         "files": out.files,
+        "integrity": integrity_section(out.layouts, out.target, CHECKSUMS_FILE),
         "shards": [
             {
                 "name": m["name"],
@@ -363,6 +379,7 @@ def _manifest(spec: CacheSpec, st: Storage, metas: list[dict], keep: list[np.nda
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "software": {"torch": torch.__version__, "numpy": np.__version__},
     }
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
     return manifest
 
 

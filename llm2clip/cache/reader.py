@@ -1,24 +1,23 @@
-"""EmbeddingCache: open a merged cache read-only, validate it, look keys up, gather rows.
+"""EmbeddingCache: open a merged cache read-only, validate and verify it, look keys up, gather rows.
 
     cache = EmbeddingCache.open(path, expect=spec)          # StaleCacheError / CorruptCacheError
     row_ids = cache.lookup(shard_names, keys, "short")      # int64 numpy, -1 where missing
-    emb = cache.gather(torch.from_numpy(row_ids))           # (n, dim) bfloat16
+    emb = cache.gather(torch.from_numpy(row_ids))           # (n, dim) bfloat16, rows verified first
 
 Opening always checks the manifest against itself and against the file headers and exact file
-sizes (cheap: a truncated file is refused without reading it); verify_checksums=True also reads
-every byte (sha256) and checks that the key index is sorted and its row ids in range.
+sizes (validate.py; a truncated file is refused without reading it). verify="lazy" (the default),
+"full" or "off" chooses what is read and checked besides (verifier.py, docs/cache.md).
 
 rows.bin is memory-mapped read-only (np.memmap mode "r") and exposed as a uint8 tensor without a
 copy. The pages are PROT_READ: writing into rows_tensor() kills the process (SIGSEGV), so torch's
 "non-writable array" warning is silenced here on purpose and the tensor must be treated as
-read-only. DataLoader workers share the mapping (and the page cache); pickling an EmbeddingCache
+read-only. Whoever gathers from rows_tensor() directly calls check_rows(ids) first (DeviceRows
+does). DataLoader workers share the mapping (and the page cache); pickling an EmbeddingCache
 reopens it by path instead of copying the arrays.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,32 +26,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import read_json
 from .format import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
     HEADER_BYTES,
     INDEX_FILE,
-    MANIFEST_FILE,
-    PARTS_DIR,
     PROBE_FILE,
     ROWS_FILE,
     SCALES_FILE,
-    TEXT_HASH_BYTES,
+    TEXT_HASH_DTYPE,
     TEXTHASH_FILE,
     CorruptCacheError,
-    Header,
     StaleCacheError,
-    index_header,
-    read_header,
-    row_stride,
-    rows_header,
-    scales_header,
+    memmap,
     storage_of,
 )
 from .gather import gather_rows
-from .index import TEXT_HASH_DTYPE, _broadcast, key_hashes, sorted_lookup
-from .manifest import CacheSpec, check_spec
+from .index import _broadcast, key_hashes, sorted_lookup
+from .integrity import VERIFY_MODES, Progress, manifest_digest
+from .manifest import CacheSpec
+from .validate import check_digest, load_manifest, no_block_checksums, validate
+from .verifier import CacheVerifier
 
 
 def _readonly_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -61,27 +53,32 @@ def _readonly_tensor(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
-def _memmap(path: Path, dtype, offset: int, shape: tuple[int, ...]) -> np.ndarray:
-    if int(np.prod(shape)) == 0:
-        return np.empty(shape, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+def _row_ids(row_ids) -> np.ndarray:
+    """(n,) int64 numpy row ids from a tensor (a CUDA one is copied to the host), array or list."""
+    if isinstance(row_ids, torch.Tensor):
+        row_ids = row_ids.detach().cpu().numpy()
+    ids = np.asarray(row_ids)
+    if ids.ndim != 1 or not (ids.dtype.kind in "iu" or ids.size == 0):
+        raise TypeError(f"row ids must be a 1-D integer array, got {ids.dtype} of shape {ids.shape}")
+    return ids.astype(np.int64, copy=False)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
+def _verify_mode(verify: str, verify_checksums: bool | None) -> str:
+    if verify_checksums:  # the older spelling of verify="full"
+        return "full"
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    return verify
 
 
 class EmbeddingCache:
     """A merged caption-embedding cache, opened read-only. Use EmbeddingCache.open(path)."""
 
-    def __init__(self, path: Path, manifest: dict, expect: CacheSpec | None) -> None:
+    def __init__(self, path: Path, manifest: dict, expect: CacheSpec | None, verify: str = "off") -> None:
         self.path = path
         self.manifest = manifest
         self._expect = expect
+        self.verify = verify
         self.spec = CacheSpec.from_dict(manifest["spec"])
         self.storage = storage_of(manifest["storage_code"])
         self.storage_code = self.storage.code
@@ -90,43 +87,78 @@ class EmbeddingCache:
         self.num_rows: int = manifest["rows"]
         self.num_entries: int = manifest["index_entries"]
         n, m = self.num_rows, self.num_entries
-        self._rows = _memmap(path / ROWS_FILE, np.uint8, HEADER_BYTES, (n, self.stride))
+        self._rows = memmap(path / ROWS_FILE, np.uint8, HEADER_BYTES, (n, self.stride))
         self._scales = (
-            _memmap(path / SCALES_FILE, "<f4", HEADER_BYTES, (n,)) if self.storage.quantized else None
+            memmap(path / SCALES_FILE, "<f4", HEADER_BYTES, (n,)) if self.storage.quantized else None
         )
-        self._index_keys = _memmap(path / INDEX_FILE, "<u8", HEADER_BYTES, (m,))
-        self._index_rows = _memmap(path / INDEX_FILE, "<i8", HEADER_BYTES + 8 * m, (m,))
+        self._index_keys = memmap(path / INDEX_FILE, "<u8", HEADER_BYTES, (m,))
+        self._index_rows = memmap(path / INDEX_FILE, "<i8", HEADER_BYTES + 8 * m, (m,))
         self._rows_t: torch.Tensor | None = None
         self._scales_t: torch.Tensor | None = None
+        self._verifier: CacheVerifier | None = None
+        self._digest: str | None = None  # manifest_digest(manifest), computed when first needed
 
     # ---------------------------------------------------------------------------------------
     @classmethod
     def open(
-        cls, path: str | os.PathLike, expect: CacheSpec | None = None, verify_checksums: bool = False
+        cls,
+        path: str | os.PathLike,
+        expect: CacheSpec | None = None,
+        verify: str = "lazy",
+        *,
+        verify_checksums: bool | None = None,
+        sha256: bool = False,
+        progress: Progress | None = None,
+        _trusted: tuple[str, frozenset[str]] | None = None,
     ) -> EmbeddingCache:
         """Open the cache at `path` read-only.
 
         expect: the configuration the caller will use; any differing field raises StaleCacheError.
-        verify_checksums: also sha256 every file against the manifest (reads everything).
-        Raises CorruptCacheError on a missing, truncated or inconsistent file, never returns garbage.
+        verify: "lazy" (default): the index and probe are verified now, every rows.bin / scales.bin
+        block the first time a row in it is gathered or checked (check_rows), texthash.bin on
+        text_hashes(); "full": every byte now (block crc32s) and the key index's order, nothing
+        later; "off": the structural checks only. verify_checksums=True is the older spelling of "full".
+        sha256: with "full", also recompute each file's sha256 against the manifest (slower: one
+        core; the block crc32s already cover every byte).
+        progress: (file, done bytes, total bytes) callback during full scans.
+        Raises CorruptCacheError on a missing, truncated, inconsistent or corrupt file (naming the
+        file, block and byte range), StaleCacheError on another configuration or a format-1 cache
+        opened "lazy"; never returns garbage.
         """
+        verify = _verify_mode(verify, verify_checksums)
         path = Path(path)
-        manifest = _load_manifest(path)
-        _validate(path, manifest, expect)
-        if verify_checksums:
-            _verify_checksums(path, manifest)
-        cache = cls(path, manifest, expect)
-        if verify_checksums:
+        manifest = load_manifest(path)
+        layouts = validate(path, manifest, expect)
+        cache = cls(path, manifest, expect, verify)
+        if verify == "off":
+            return cache
+        if manifest["format_version"] < 2 and verify == "lazy":
+            raise no_block_checksums(path)
+        cache._digest = manifest_digest(manifest)
+        if manifest["format_version"] >= 2:
+            check_digest(path, manifest, cache._digest)
+        trusted = _trusted[1] if _trusted is not None and _trusted[0] == cache._digest else frozenset()
+        cache._verifier = CacheVerifier(path, manifest, layouts, verify, sha256)
+        cache._verifier.verify_open(trusted, progress)
+        if verify == "full" and INDEX_FILE not in trusted:
             cache._verify_index()
         return cache
 
     def __reduce__(self):
-        return (EmbeddingCache.open, (str(self.path), self._expect, False))
+        # A DataLoader worker reopens the cache by path (no arrays are pickled) with the same
+        # verification mode; the files this process verified whole are trusted there if the
+        # manifest is the same, and its record of verified row blocks starts empty.
+        whole = frozenset(self._verifier.whole) if self._verifier is not None else frozenset()
+        if self._digest is None:
+            self._digest = manifest_digest(self.manifest)
+        trusted = (self._digest, whole)
+        return (_reopen, (str(self.path), self._expect, self.verify, trusted))
 
     def __repr__(self) -> str:
         return (
             f"EmbeddingCache({str(self.path)!r}, rows={self.num_rows}, entries={self.num_entries}, "
-            f"dim={self.dim}, storage={self.storage.name}, model={self.spec.model_id!r})"
+            f"dim={self.dim}, storage={self.storage.name}, model={self.spec.model_id!r}, "
+            f"verify={self.verify!r})"
         )
 
     # ---------------------------------------------------------------------------------------
@@ -176,7 +208,12 @@ class EmbeddingCache:
         *,
         backend: str = "auto",
     ) -> torch.Tensor:
-        """(n, dim) out_dtype embeddings of row ids (n,) int64 (on the device the output goes to)."""
+        """(n, dim) out_dtype embeddings of row ids (n,) int64 (on the device the output goes to).
+
+        The rows are checked first (check_rows): out-of-range ids raise IndexError, and with
+        verify="lazy" their blocks are verified on first touch.
+        """
+        self.check_rows(row_ids)
         if isinstance(row_ids, np.ndarray):
             row_ids = torch.from_numpy(np.ascontiguousarray(row_ids, dtype=np.int64))
         return gather_rows(
@@ -189,9 +226,34 @@ class EmbeddingCache:
             backend=backend,
         )
 
+    def check_rows(self, row_ids: torch.Tensor | np.ndarray | Sequence[int]) -> None:
+        """Check row ids before their rows are used: raise IndexError for one outside [0, N), and
+        with verify="lazy" verify the rows.bin / scales.bin blocks holding them (crc32), each block
+        once per process: CorruptCacheError names the file, block, byte range, rows and shard.
+
+        row_ids: (n,) integer ids (tensor, array or list); a CUDA tensor is copied to the host
+        (a synchronisation: pass the CPU ids). Costs nothing measurable once the blocks are verified.
+        Safe in DataLoader workers (each process keeps its own record) and from several threads.
+        """
+        ids = _row_ids(row_ids)
+        if ids.size == 0:
+            return
+        bad = (ids < 0) | (ids >= self.num_rows)
+        if bad.any():
+            pos = int(np.flatnonzero(bad)[0])
+            raise IndexError(
+                f"row id {int(ids[pos])} (position {pos} of the index) is out of range "
+                f"for a table of {self.num_rows} rows"
+            )
+        if self._verifier is not None:
+            self._verifier.check_rows(ids)
+
     def text_hashes(self) -> np.ndarray:
-        """(N,) S16 text hashes of the stored rows (memory-mapped)."""
-        return _memmap(self.path / TEXTHASH_FILE, TEXT_HASH_DTYPE, 0, (self.num_rows,))
+        """(N,) S16 text hashes of the stored rows (memory-mapped; verified whole on the first call
+        with verify="lazy")."""
+        if self._verifier is not None and TEXTHASH_FILE not in self._verifier.whole:
+            self._verifier.verify_file(TEXTHASH_FILE)
+        return memmap(self.path / TEXTHASH_FILE, TEXT_HASH_DTYPE, 0, (self.num_rows,))
 
     # ---------------------------------------------------------------------------------------
     def probe_embeddings(self) -> torch.Tensor:
@@ -240,119 +302,5 @@ class EmbeddingCache:
             raise CorruptCacheError(f"{self.path / INDEX_FILE}: row ids outside [0, {self.num_rows})")
 
 
-# -------------------------------------------------------------------------------------------
-# Validation
-
-
-def _load_manifest(path: Path) -> dict:
-    mpath = path / MANIFEST_FILE
-    if not mpath.is_file():
-        if (path / PARTS_DIR).is_dir():
-            raise CorruptCacheError(
-                f"{path} is not a finished cache: {PARTS_DIR}/ exists but no {MANIFEST_FILE} "
-                "(extraction unfinished or merge not run / interrupted)"
-            )
-        raise CorruptCacheError(f"{path} is not a cache: no {MANIFEST_FILE}")
-    try:
-        manifest = read_json(mpath)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptCacheError(f"{mpath}: unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise CorruptCacheError(f"{mpath}: not a {FORMAT_NAME} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StaleCacheError(
-            f"{path}: format_version: expected {FORMAT_VERSION}, found {manifest.get('format_version')!r}. "
-            "Rebuild it: re-run `python -m llm2clip.extract ...` into a new directory."
-        )
-    return manifest
-
-
-def _expected_sizes(m: dict, quantized: bool) -> dict[str, int]:
-    n, e, dim, stride = m["rows"], m["index_entries"], m["dim"], m["row_stride"]
-    sizes = {ROWS_FILE: HEADER_BYTES + n * stride}
-    if quantized:
-        sizes[SCALES_FILE] = HEADER_BYTES + 4 * n
-    sizes[INDEX_FILE] = HEADER_BYTES + 16 * e
-    sizes[TEXTHASH_FILE] = TEXT_HASH_BYTES * n
-    sizes[PROBE_FILE] = 4 * m["probe"]["count"] * dim
-    return sizes
-
-
-def _validate(path: Path, m: dict, expect: CacheSpec | None) -> None:
-    mpath = path / MANIFEST_FILE
-    try:
-        spec = CacheSpec.from_dict(m["spec"])
-        st = storage_of(m["storage_code"])
-        for name in ("dim", "row_stride", "rows", "index_entries"):
-            v = m[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} = {v!r}")
-        files = m["files"]
-        probe = m["probe"]
-        int(probe["count"])
-        key_index_sha = m["key_index"]["sha256"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptCacheError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})") from None
-    if expect is not None:
-        check_spec(expect, spec, path)
-    # The manifest must agree with itself.
-    problems = []
-    if m.get("storage") != st.name:
-        problems.append(f"storage {m.get('storage')!r} vs storage_code {st.code} ({st.name})")
-    if m["dim"] != spec.dim:
-        problems.append(f"dim {m['dim']} vs spec.dim {spec.dim}")
-    if m["row_stride"] != row_stride(m["dim"], st):
-        problems.append(
-            f"row_stride {m['row_stride']} vs {row_stride(m['dim'], st)} for dim {m['dim']} {st.name}"
-        )
-    if probe.get("dim") != m["dim"]:
-        problems.append(f"probe dim {probe.get('dim')} vs dim {m['dim']}")
-    if isinstance(files.get(INDEX_FILE), dict) and key_index_sha != files[INDEX_FILE].get("sha256"):
-        problems.append(f"key_index.sha256 differs from files[{INDEX_FILE!r}].sha256")
-    if problems:
-        raise CorruptCacheError(f"{mpath}: inconsistent manifest: " + "; ".join(problems))
-    sizes = _expected_sizes(m, st.quantized)
-    if set(files) != set(sizes):
-        raise CorruptCacheError(f"{mpath}: lists files {sorted(files)}, expected {sorted(sizes)}")
-    for name, size in sizes.items():
-        listed = files[name].get("size") if isinstance(files[name], dict) else None
-        if listed != size:
-            raise CorruptCacheError(
-                f"{mpath}: {name} listed with {listed} bytes, but rows/dim/entries imply {size} "
-                "(edited manifest?)"
-            )
-        fpath = path / name
-        try:
-            actual = fpath.stat().st_size
-        except FileNotFoundError:
-            raise CorruptCacheError(f"{fpath}: missing") from None
-        if actual < size:
-            raise CorruptCacheError(f"{fpath}: truncated ({actual} bytes, the manifest says {size})")
-        if actual > size:
-            raise CorruptCacheError(f"{fpath}: {actual - size} bytes longer than the manifest says ({size})")
-    # Headers vs manifest.
-    expected_headers: dict[str, Header] = {
-        ROWS_FILE: rows_header(st, m["dim"], m["rows"]),
-        INDEX_FILE: index_header(m["index_entries"]),
-    }
-    if st.quantized:
-        expected_headers[SCALES_FILE] = scales_header(st, m["rows"])
-    for name, want in expected_headers.items():
-        got = read_header(path / name)
-        if got != want:
-            diffs = ", ".join(
-                f"{f}: header {getattr(got, f)!r}, manifest {getattr(want, f)!r}"
-                for f in ("magic", "version", "code", "dim", "stride", "count")
-                if getattr(got, f) != getattr(want, f)
-            )
-            raise CorruptCacheError(f"{path / name}: header does not match the manifest ({diffs})")
-
-
-def _verify_checksums(path: Path, m: dict) -> None:
-    for name, entry in m["files"].items():
-        digest = _sha256(path / name)
-        if digest != entry.get("sha256"):
-            raise CorruptCacheError(
-                f"{path / name}: sha256 {digest} does not match the manifest's "
-                f"{entry.get('sha256')} (corrupt file)"
-            )
+def _reopen(path: str, expect: CacheSpec | None, verify: str, trusted) -> EmbeddingCache:
+    return EmbeddingCache.open(path, expect, verify, _trusted=trusted)

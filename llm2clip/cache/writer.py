@@ -37,10 +37,10 @@ from ..files import atomic_write_json, fsync_dir, read_json
 from .format import (
     CONFIG_FILE,
     ENTRY_DTYPE,
-    FORMAT_VERSION,
     MANIFEST_FILE,
     PART_SUFFIXES,
     PARTS_DIR,
+    PARTS_VERSION,
     TEXT_HASH_DTYPE,
     KeyCollisionError,
     StaleCacheError,
@@ -115,7 +115,7 @@ class CacheWriter:
     # ---------------------------------------------------------------------------------------
     def _config(self) -> dict:
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": PARTS_VERSION,
             "spec": self.spec.to_dict(),
             "storage": self.storage.name,
             "storage_code": self.storage.code,
@@ -180,13 +180,19 @@ class CacheWriter:
             for p in (part_path(self.parts, sid, suffix), part_path(self.parts, sid, suffix + ".tmp")):
                 p.unlink(missing_ok=True)
 
-    def merge(self, probe_embeddings: torch.Tensor, shards: Sequence[str] | None = None) -> dict:
+    def merge(
+        self,
+        probe_embeddings: torch.Tensor,
+        shards: Sequence[str] | None = None,
+        *,
+        block_bytes: int | None = None,
+    ) -> dict:
         """Merge all parts into the final cache files (see merge.merge_parts); returns the manifest.
 
         Run once, on one rank, after every writer has finished. `shards` lists the shards the
         cache must hold, in order; without it, every shard found in parts/ (sorted by name).
         """
-        return merge_parts(self.path, probe_embeddings, shards=shards)
+        return merge_parts(self.path, probe_embeddings, shards=shards, block_bytes=block_bytes)
 
 
 class ShardWriter:
