@@ -1,6 +1,6 @@
-"""Extraction throughput: captions/s and tokens/s of llm2clip.extract's pipeline, packed vs padded.
+"""Extraction throughput: captions/s and tokens/s of llm2clip.extraction's pipeline, packed vs padded.
 
-What runs: the extraction pipeline's own functions (llm2clip.extract) on synthetic captions, i.e.
+What runs: the extraction pipeline's own functions (llm2clip.extraction) on synthetic captions, i.e.
 per "shard" a background thread plans length-sorted batches within --tokens-per-batch and collates
 them (pinned on CUDA) -> the main thread copies each batch to the GPU and launches the forward +
 pooling with no host sync -> one device->host copy per shard (pinned, an event). Weights are
@@ -123,7 +123,7 @@ def run_mode(embedder, shards, mode: str, device: str, per_batch: int) -> dict:
     per_batch: captions per batch of padded-unsorted (the packed mode's mean, so both make about
     as many forward calls).
     """
-    from llm2clip.extract import launch_batches, plan_batches, prefetch, to_host
+    from llm2clip.extraction import launch_batches, plan_batches, prefetch, to_host
 
     pin = device == "cuda"
 

@@ -1,17 +1,17 @@
 """Stage-2 training step throughput and memory: samples/s and peak memory per GPU against the batch
 size, with and without the fused loss and the gradient cache, and the largest batch per GPU.
 
-One step is what the stage-2 trainer does per batch: the uint8 images sit in page-locked host memory
-(as the DataLoader delivers them), each (chunk of the) batch is copied to the device and normalised
-(``image_fn`` of llm2clip.grad_cache), forward + loss + backward with bf16 autocast
-(``contrastive_backward``), gradient-norm clip 5, AdamW (fused on CUDA) step, logit-scale clamp,
-zero_grad. Models are
+One step is the stage-2 trainer's own step (``llm2clip.training.step.TrainStep``): the uint8 images
+sit in page-locked host memory (as the DataLoader delivers them), each (chunk of the) batch is copied
+to the device and normalised, forward + loss + backward with bf16 autocast (the gradient cache),
+gradient-norm clip 5, the loss and norm read back (the step's one host sync), AdamW (fused on CUDA),
+the schedule, the logit-scale clamp. Models are
 ClipModel(ViT preset, random init) with the LLM2CLIP text adapter over (b, --text-dim) bf16 caption
 embeddings already on the device (the cache gather is measured on its own, see "breakdown").
 
 Methods (the loss is the symmetric InfoNCE in every one):
 
-    fused+gc    ours: fused Triton loss (llm2clip.losses.make_loss fused=True) and the gradient
+    fused+gc    ours: fused Triton loss (llm2clip.training.losses.make_loss fused=True) and the gradient
                 cache with --chunk-size images per chunk (activation memory of one chunk)
     fused       fused loss, one pass with autograd over the whole batch
     plain+gc    open_clip-style loss (materialised b x b logits) with the gradient cache
@@ -35,7 +35,7 @@ Measurements (GPU):
   torch.utils.flop_counter.FlopCounterMode (attention routed to the explicit "math" backend for the
   count, so QK^T and PV are seen), times 3 for forward + backward, 4 with the gradient cache (its
   extra forward), 5 with --grad-checkpointing, plus 8 b^2 D for the loss (its useful work,
-  DESIGN.md section 2). "tflops" counts executed work, "mfu" only the useful 3x (+ loss); both beside
+  docs/loss.md). "tflops" counts executed work, "mfu" only the useful 3x (+ loss); both beside
   the bf16 8192^3 torch.mm rate of the same card measured in the same run.
 * breakdown at --breakdown-batch (4096): the fused+gc step time (from the sweep, else measured) and,
   alone, (1) the fused loss forward+backward on (b, D) bf16 features, (2) the cache gather of b
@@ -106,7 +106,7 @@ TARGET_X_PLAIN = 16
 TARGET_FLAT_SLOPE = 0.01
 TARGET_FRACTION = 0.05
 TARGET_MODEL = "B/16"
-GRAD_CLIP = 5.0  # the LLM2CLIP recipe's gradient-norm clip (DESIGN.md section 1)
+GRAD_CLIP = 5.0  # the LLM2CLIP recipe's gradient-norm clip (docs/training.md)
 
 
 class _Stop(Exception):
@@ -190,10 +190,10 @@ def build_state(name: str, args) -> SimpleNamespace:
     import torch
 
     from llm2clip.data.images import normalize_images
-    from llm2clip.losses import make_loss
     from llm2clip.models.adapter import AdapterConfig
     from llm2clip.models.clip_model import ClipModel, ClipModelConfig
     from llm2clip.models.vit import ViT, ViTConfig
+    from llm2clip.training.losses import make_loss
 
     dev = args.device
     cfg = ViTConfig.preset("B/16", **TINY_VIT) if name == "tiny" else ViTConfig.preset(name)
@@ -210,7 +210,7 @@ def build_state(name: str, args) -> SimpleNamespace:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, fused=dev == "cuda")
     mean, std = cfg.image_mean, cfg.image_std
 
-    def image_fn(x):  # what the stage-2 trainer does with a loader batch (llm2clip/train.py)
+    def image_fn(x):  # what the stage-2 trainer does with a loader batch (llm2clip/apps/train.py)
         return normalize_images(x.to(dev, non_blocking=True), mean, std)
 
     backend = args.loss_backend or ("auto" if dev == "cuda" else "torch")
@@ -225,55 +225,63 @@ def build_state(name: str, args) -> SimpleNamespace:
         images=HostImages(cfg.image_size, dev, args.seed),
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else contextlib.nullcontext(),
         params=sum(p.numel() for p in model.parameters()),
+        steps={},
+        device=dev,
     )
     st.fwd_flops = forward_flops(st, args)
     return st
 
 
 def forward_flops(st, args) -> float:
-    """Forward FLOPs per sample of the whole model (tower, projection, adapter), one sample counted
-    with FlopCounterMode and the attention on the explicit math backend (so its matmuls count)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    """Forward FLOPs per sample of the whole model (the trainer's count: llm2clip.training.metrics)."""
+    from llm2clip.training.metrics import forward_flops as count
 
-    vis = st.model.visual
-    prev = vis.config.attn_backend
-    s = st.cfg.image_size
-    x = torch.zeros(1, 3, s, s, device=args.device)
-    t = torch.zeros(1, args.text_dim, device=args.device)
-    vis.set_attn_backend("math")
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            st.model(x, t)
-    finally:
-        vis.set_attn_backend(prev)
-    return float(fc.get_total_flops())
+    return count(st.model, st.cfg.image_size, args.text_dim, args.device) or float("nan")
 
 
 def flops_per_step(st, b: int, grad_cache: bool, chunk: int, executed: bool) -> float:
-    """Executed (3x forward, +1 gradient cache, +1 checkpointing) or useful (3x) FLOPs, + 8 b^2 D."""
-    from llm2clip.grad_cache import num_chunks
+    """Executed (+1 forward with the gradient cache, +1 with checkpointing) or useful FLOPs of a step
+    (llm2clip.training.metrics.StepFlops: 3x forward + 8 b^2 D)."""
+    from llm2clip.training.grad_cache import num_chunks
+    from llm2clip.training.metrics import StepFlops
 
-    mult = 3
-    if executed:
-        mult += int(grad_cache and num_chunks(b, chunk) > 1) + int(st.cfg.grad_checkpointing)
-    return mult * st.fwd_flops * b + 8 * b * b * st.model.config.embed_dim
+    flops = StepFlops(st.fwd_flops, st.model.config.embed_dim)
+    if not executed:
+        return flops.useful(b, b)
+    extra = int(grad_cache and num_chunks(b, chunk) > 1) + int(st.cfg.grad_checkpointing)
+    return flops.executed(b, b, extra)
+
+
+class GivenRows:
+    """The caption rows of a step, already on the device (the cache gather is timed on its own)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def launch(self, row_ids) -> None:
+        pass
+
+    def wait(self):
+        return self.text
 
 
 def train_step(st, images, text, fused: bool, chunk: int):
-    """One optimizer step of stage 2 on a host uint8 batch and device caption embeddings."""
+    """One stage-2 optimizer step: the trainer's TrainStep on a host uint8 batch."""
     import torch
 
-    from llm2clip.grad_cache import contrastive_backward
+    from llm2clip.distributed import DistInfo
+    from llm2clip.training.optim import lr_schedule
+    from llm2clip.training.step import TrainStep
 
-    loss, info = contrastive_backward(
-        st.model, images, text, st.losses[fused], chunk_size=chunk, autocast=st.autocast, image_fn=st.image_fn
-    )
-    torch.nn.utils.clip_grad_norm_(st.model.parameters(), GRAD_CLIP)
-    st.opt.step()
-    st.model.clamp_logit_scale()
-    st.opt.zero_grad(set_to_none=True)
-    return loss, info
+    key = (fused, chunk)
+    if key not in st.steps:
+        sched = lr_schedule(st.opt, 0, 1, "constant")
+        st.steps[key] = TrainStep(
+            st.model, st.model, st.opt, sched, st.losses[fused], DistInfo(device=torch.device(st.device)),
+            chunk_size=chunk, grad_clip=GRAD_CLIP, autocast=st.autocast, prepare_images=st.image_fn,
+        )  # fmt: skip
+    stats = st.steps[key](images, None, GivenRows(text))
+    return stats.loss, {"chunks": stats.chunks}
 
 
 # ----------------------------------------------------------------------------- memory
@@ -566,7 +574,7 @@ def breakdown(st, args, meta) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from llm2clip.grad_cache import num_chunks
+    from llm2clip.training.grad_cache import num_chunks
 
     b = args.breakdown_batch
     base = case_base(st, "breakdown", OURS, b)

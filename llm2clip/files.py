@@ -1,8 +1,10 @@
-"""Atomic, durable file writes: a reader sees the old file or the new one, never a torn write.
+"""File helpers: atomic, durable writes (a reader sees the old file or the new one, never a torn
+write) and content fingerprints.
 
     atomic_write_json(out / "metrics.json", {"step": 10})
     atomic_save(out / "trainer_state.pt", state)       # torch.save
     atomic_write_bytes(path, data)
+    files_sha256("/models/llama")                         # "sha256:..." of a file or a folder
 
 Every writer goes through a temporary file in the target's directory, fsync, ``os.replace``, then
 an fsync of the directory so the rename survives a power cut. Arguments are (path, content)
@@ -13,13 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_save", "atomic_write_bytes", "atomic_write_json", "fsync_dir", "read_json"]
+__all__ = [
+    "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "files_sha256",
+    "fsync_dir",
+    "read_json",
+]
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -92,3 +103,24 @@ def atomic_save(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def files_sha256(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` over a file or a directory's files (relative names and contents, sorted;
+    names starting with '.' and *.md are left out)."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and p.suffix != ".md"
+    )  # fmt: skip
+    if not files:
+        raise FileNotFoundError(f"no files to hash under {root}")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(root) if p != root else p.name).encode() + b"\0")
+        with open(p, "rb") as f:
+            while block := f.read(16 << 20):
+                h.update(block)
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()

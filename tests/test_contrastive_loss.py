@@ -1,6 +1,6 @@
 """Numerical tests of the fused contrastive losses against float64 references.
 
-Tolerances come from PyTorch's own error (shared/CONVENTIONS.md): for every output and gradient,
+Tolerances come from PyTorch's own error (CONTRIBUTING.md, "Tests"): for every output and gradient,
 ``max|ours - ref| <= 2 * max|pt - ref| + tiny`` where ``ref`` is the naive full-logits loss in
 float64 on the same rounded inputs and ``pt`` the same naive loss in the test dtype. The Triton
 backend runs under TRITON_INTERPRET=1 without a GPU (conftest.py), so its sizes stay small.

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from llm2clip.demo import datasets, report
-from llm2clip.demo.assets import DEB_EMOJI, DEB_FASHION, DEB_TUXPAINT, PIP_LLM, PIP_MOBILENET
-from llm2clip.demo.pipeline import PRESETS, Demo, Step, StepFailed
+from llm2clip.apps.demo import datasets, report
+from llm2clip.apps.demo.assets import DEB_EMOJI, DEB_FASHION, DEB_TUXPAINT, PIP_LLM, PIP_MOBILENET
+from llm2clip.apps.demo.pipeline import PRESETS, Demo, Step, StepFailed
 
 
 def _item(source: str, caption: str, alt: str) -> datasets.Item:

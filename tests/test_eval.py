@@ -18,12 +18,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from llm2clip.apps.eval import main
+from llm2clip.apps.extract import main as extract_main
 from llm2clip.cache import EmbeddingCache, StaleCacheError
 from llm2clip.data.images import decode_image, eval_transform, normalize_images
 from llm2clip.data.shards import write_shard
-from llm2clip.eval import (
+from llm2clip.evaluation import (
     build_prompts,
-    embedder_like,
     encode_images,
     encode_texts,
     evaluate,
@@ -31,16 +32,15 @@ from llm2clip.eval import (
     format_table,
     load_retrieval_set,
     load_zeroshot_set,
-    main,
     read_names,
     retrieval_metrics,
     zeroshot_accuracy,
     zeroshot_classifier,
 )
-from llm2clip.extract import main as extract_main
 from llm2clip.models.adapter import AdapterConfig
 from llm2clip.models.clip_model import ClipModel, ClipModelConfig
 from llm2clip.models.cnn_tower import IMAGENET_MEAN, IMAGENET_STD, CNNTower, CNNTowerConfig
+from llm2clip.models.text_recipe import embedder_like
 from tests.llm_fixtures import tiny_llm_dir
 
 WORDS = "a the dog cat red blue green small big photo of on in near sofa grass sea car tree house".split()
@@ -359,7 +359,7 @@ def test_embedder_like_is_checked_against_the_cache(env, embedder, tmp_path):
     moved = tmp_path / "cache"
     shutil.copytree(env["cache"], moved)
     summary = json.loads((moved / "extract_summary.json").read_text())
-    summary["config"]["model"] = str(other)
+    summary["config"]["text"]["model"] = str(other)
     (moved / "extract_summary.json").write_text(json.dumps(summary))
     with pytest.raises(StaleCacheError, match="probe check failed"):
         embedder_like(moved, "cpu")

@@ -18,12 +18,15 @@ import numpy as np
 import pytest
 import torch
 
+from llm2clip.apps.extract import main, parse_config
 from llm2clip.cache import EmbeddingCache
+from llm2clip.data.fields import FieldSpec
 from llm2clip.data.shards import ShardError, iter_samples, shard_name, write_shard
-from llm2clip.extract import EXIT_AFTER_ENV, SUMMARY_FILE, FieldSpec, load_embedder, main, parse_config
+from llm2clip.models.text_recipe import SUMMARY_FILE, load_embedder
 from tests.llm_fixtures import tiny_llm_dir
 
 REPO = Path(__file__).resolve().parent.parent
+KILL_AFTER = Path(__file__).with_name("kill_after.py")
 WORDS = (
     "a the dog cat man woman child runs sleeps sits on in near red blue green sofa grass sea bike car "
     "street city tree house photo of with two small big old young and under beach park"
@@ -141,7 +144,7 @@ def test_cache_equals_direct_encode(env, reference):
     assert (ids >= 0).sum() == len(present) == cache.num_entries == summary["captions"]
 
     cfg = parse_config(_args(env, out))
-    embedder = load_embedder(cfg, "cpu")
+    embedder = load_embedder(cfg.text, "cpu")
     direct = embedder.encode([t[3] for t in present])
     err = (rows - direct).abs().max().item()
     print(f"max |cache - encode| = {err:.3g}, max |encode| = {direct.abs().max().item():.3g}")
@@ -159,17 +162,18 @@ def test_cache_equals_direct_encode(env, reference):
     assert cache.spec.model_revision.startswith("sha256:") and cache.spec.adapter_revision == ""
 
 
-def _run(args, extra_env=None, timeout=120):
+def _run(args, extra_env=None, timeout=120, kill_after: int | None = None):
     env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
+    cmd = ["-m", "llm2clip.extract"] if kill_after is None else [str(KILL_AFTER), "extract", str(kill_after)]
     return subprocess.Popen(
-        [sys.executable, "-m", "llm2clip.extract", *args],
+        [sys.executable, *cmd, *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
 
 def test_killed_run_resumes_to_same_bytes(env, reference):
     out = env["root"] / "cache-killed"
-    proc = _run(_args(env, out), {EXIT_AFTER_ENV: "1"})
+    proc = _run(_args(env, out), kill_after=1)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 3, log
     assert len(list((out / "parts").glob("*.done"))) == 1 and not (out / "manifest.json").exists()
@@ -248,8 +252,8 @@ def test_adapter(env, tmp_path):
     triples = [t for t in _triples(env) if t[3] is not None and t[0] == "00000.tar"]
     cache = EmbeddingCache.open(out)
     _, rows = _rows(cache, triples)
-    direct = load_embedder(cfg, "cpu").encode([t[3] for t in triples])
-    base = load_embedder(plain, "cpu").encode([t[3] for t in triples])
+    direct = load_embedder(cfg.text, "cpu").encode([t[3] for t in triples])
+    base = load_embedder(plain.text, "cpu").encode([t[3] for t in triples])
     assert (direct - base).abs().max() > 1e-2  # the adapter changes the embeddings
     assert (rows - direct).abs().max() <= 1e-5 * max(1.0, direct.abs().max().item())
     assert cache.spec.adapter_revision.startswith("sha256:")

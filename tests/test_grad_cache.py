@@ -13,12 +13,12 @@ import copy
 import pytest
 import torch
 
-from llm2clip.grad_cache import contrastive_backward, num_chunks
-from llm2clip.losses import make_loss, plain_infonce_loss, plain_sigmoid_loss
 from llm2clip.models.adapter import AdapterConfig
 from llm2clip.models.clip_model import ClipModel, ClipModelConfig
 from llm2clip.models.cnn_tower import CNNTower, CNNTowerConfig
 from llm2clip.models.vit import ViT, ViTConfig
+from llm2clip.training.grad_cache import contrastive_backward, num_chunks
+from llm2clip.training.losses import make_loss, plain_infonce_loss, plain_sigmoid_loss
 from llm2clip_kernels.reference import reference_infonce_loss, reference_sigmoid_loss
 
 D_LLM, EMBED = 24, 16

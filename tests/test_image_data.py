@@ -22,17 +22,10 @@ import torch
 from PIL import Image
 
 from llm2clip.cache import PROBE_CAPTIONS, CacheSpec, CacheWriter, EmbeddingCache
-from llm2clip.data.images import (
-    IMAGE_FIELDS,
-    ShardImageDataset,
-    SkipCounts,
-    count_samples,
-    decode_image,
-    eval_transform,
-    normalize_images,
-    train_transform,
-)
-from llm2clip.data.shards import ShardError, iter_samples, write_shard
+from llm2clip.data.images import IMAGE_FIELDS, decode_image, eval_transform, normalize_images, train_transform
+from llm2clip.data.shards import ShardError, count_samples, iter_samples, write_shard
+from llm2clip.data.skips import SkipCounts
+from llm2clip.data.stream import ShardImageDataset
 
 DIM = 8
 FIELDS = ("short", "dense")
@@ -388,13 +381,13 @@ def test_skipped_samples_are_counted_with_their_shard(data):
     assert b["keys"] == ["ok0", "ok1"] and b["shards"] == ["bad-0000.tar"] * 2
     assert b["images"].shape == (2, 3, 12, 12) and b["rows"].shape == (2,)
     sk = b["skipped"]
-    assert (sk.corrupt_image, sk.missing_image, sk.missing_row, sk.total) == (1, 1, 1, 3)
+    assert (sk["corrupt_image"], sk["missing_image"], sk["missing_row"], sk.total) == (1, 1, 1, 3)
     assert sk.by_shard == {"bad-0000.tar": 3}
     # Workers give the same counts; the counts add up over batches.
     assert_same_batches([b], take(ds, 1, workers=2))
     total = SkipCounts()
     for x in take(data.dataset([data.bad, data.main[0]], batch_size=2, shuffle=False), 5):
-        total.add(x["skipped"])
+        total.merge(x["skipped"])
     assert total.to_dict() == {
         "corrupt_image": 1,
         "missing_image": 1,

@@ -23,7 +23,7 @@ LOSSES = {"infonce": infonce_loss, "sigmoid": sigmoid_loss}
 REFERENCES = {"infonce": reference_infonce_loss, "sigmoid": reference_sigmoid_loss}
 MODULES = {"infonce": InfoNCELoss, "sigmoid": SigmoidLoss}
 
-# Floor added to the "2 x the plain PyTorch error" bound (see CONVENTIONS.md), relative to the
+# Floor added to the "2 x the plain PyTorch error" bound (see CONTRIBUTING.md), relative to the
 # reference's magnitude (at least 1): about 8 fp32 ulps, for when plain PyTorch happens to be exact.
 TINY = 1e-6
 

@@ -18,20 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm2clip.apps.stage1 import Stage1Config, config_from_args, main, train
+from llm2clip.cli import build_parser
+from llm2clip.data.fields import FieldSpec
+from llm2clip.data.pairs import PairStream, read_source
 from llm2clip.data.shards import ShardError, write_shard
+from llm2clip.distributed import DistInfo
 from llm2clip.models.text_embedder import LLMTextEmbedder, TextEmbedderConfig
-from llm2clip.stage1 import (
-    PairStream,
-    Stage1Config,
-    build_parser,
-    config_from_args,
-    main,
-    mask_for_mntp,
-    parse_field,
-    read_source,
-    train,
-)
-from llm2clip.train_utils import DistInfo, lr_factor
+from llm2clip.training.caption_contrastive import mask_for_mntp
+from llm2clip.training.optim import lr_factor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llm_fixtures import tiny_llm_dir  # noqa: E402
@@ -94,7 +89,8 @@ def test_train_lowers_loss_raises_cra_and_adapter_reloads(toy, tmp_path):
     assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert metrics["cra_after"] > metrics["cra_before"] and metrics["cra_after"] >= 0.5
-    assert metrics["skipped"] == {"empty": 1, "missing": 1, "malformed": 1}
+    skipped = metrics["skipped"]
+    assert skipped == {"empty": 1, "missing": 1, "malformed": 1, "total": 3, "by_shard": {"00001.tar": 3}}
     assert metrics["eval_pairs"] == 20 and metrics["pairs_per_s"] > 0
 
     saved = json.loads((out / "metrics.json").read_text())
@@ -119,7 +115,7 @@ def test_resume_continues_with_the_same_losses(toy, tmp_path):
     full = main(_args(toy, tmp_path / "full", *common, "--checkpoint-every", "0"))
     part = main(_args(toy, tmp_path / "part", *common, "--stop-at-step", "4"))
     assert not part["finished"] and not (tmp_path / "part" / "adapter").exists()
-    assert (tmp_path / "part" / "checkpoint.pt").exists()
+    assert (tmp_path / "part" / "checkpoints" / "step_00000004" / "trainer_state.pt").exists()
     resumed = main(_args(toy, tmp_path / "part", *common, "--resume", "--merge"))
     print("full", full["mntp_losses"], full["losses"])
     print("resumed", resumed["mntp_losses"], resumed["losses"])
@@ -171,13 +167,10 @@ def test_unreadable_shard_raises_naming_it(toy, tmp_path):
 
 def test_read_source_skips_and_counts(toy):
     rows, skip = read_source("shard", os.path.join(toy["shards"], "00001.tar"), "txt", "json:dense_caption")
-    assert len(rows) == 40 and (skip.empty, skip.missing, skip.malformed) == (1, 1, 1)
+    assert len(rows) == 40 and (skip["empty"], skip["missing"], skip["malformed"]) == (1, 1, 1)
     rows, skip = read_source("jsonl", toy["jsonl"], "txt", "txt")
     assert [(a, b) for _, a, b in rows] == toy["pairs"]
-    assert parse_field("json:meta.caption") == ("json", ("meta", "caption")) and parse_field("txt") == (
-        "txt",
-        (),
-    )
+    assert FieldSpec.parse("json:meta.caption") == FieldSpec("caption", "json", ("meta", "caption"))
 
 
 def test_pair_stream_resumes_from_its_state(toy):
@@ -205,7 +198,7 @@ def test_mntp_masks_only_caption_tokens():
 
 
 def test_config_validation_and_help():
-    parser = build_parser()
+    parser = build_parser(Stage1Config, "python -m llm2clip.stage1", "")
     assert all(a.help for a in parser._actions)
     base = dict(model="m", output_dir="o", pairs_jsonl=("p",))
     Stage1Config(**base)

@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm2clip.apps.train import main, parse_config
 from llm2clip.cache import StaleCacheError
+from llm2clip.distributed import DistInfo
 from llm2clip.models.clip_model import ClipModel
-from llm2clip.train import KILL_ENV, checkpoint_dirs, main, parse_config
+from llm2clip.training.checkpoint import CheckpointManager
 from tests.train_fixtures import TINY_VIT, make_data
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +48,10 @@ def args(data, out, *extra) -> list[str]:
         "--steps", "4", "--workers", "0", "--output-dir", str(out), "--device", "cpu", "--lr", "1e-3",
         "--warmup-steps", "1", "--log-every", "1", "--loss-backend", "torch", *extra,
     ]  # fmt: skip
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    return CheckpointManager(out, 1, DistInfo()).dirs()
 
 
 def losses(out: Path) -> list[float]:
@@ -83,8 +89,8 @@ def test_single_process_run_outputs(data, tmp_path):
     metrics = main(args(data, out, *extra))
     assert metrics["finished"] and metrics["step"] == 4 and len(metrics["losses"]) == 4
     config = json.loads((out / "config.json").read_text())
-    assert config["fused_loss"] and config["cache_spec"]["model_id"] == "test/tiny-llm"
-    assert config["fields"] == ["short", "dense"]  # from the cache's extract_summary.json
+    assert config["loss"]["fused_loss"] and config["cache_spec"]["model_id"] == "test/tiny-llm"
+    assert config["data"]["fields"] == ["short", "dense"]  # from the cache's extract_summary.json
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -131,8 +137,9 @@ def test_resume_after_sigkill_continues_with_the_same_losses(data, tmp_path):
     common = ["--fused-loss", "--steps", "5", "--checkpoint-every", "2"]
     main(args(data, tmp_path / "ref", *common))
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO), KILL_ENV: "3"}
-    proc = subprocess.run([sys.executable, "-m", "llm2clip.train", *args(data, out, *common)], env=env,
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    kill = [sys.executable, str(REPO / "tests" / "kill_after.py"), "train", "3"]
+    proc = subprocess.run([*kill, *args(data, out, *common)], env=env,
                           capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [p.name for p in checkpoint_dirs(out)] == ["step_00000002"]
@@ -194,7 +201,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
-    import llm2clip.train as train_mod
+    import llm2clip.apps.train as train_mod
 
     real = train_mod.make_loss
     calls = {"n": 0}
@@ -267,13 +274,17 @@ def test_too_large_batch_is_refused(data, tmp_path):
 
 
 def test_param_groups_layer_decay_and_no_weight_decay(data, tmp_path):
-    from llm2clip.train import build_model, param_groups
+    from llm2clip.training.model import build_model
+    from llm2clip.training.optim import param_groups
 
     cfg = parse_config(
         args(data, tmp_path, "--layer-decay", "0.5", "--adapter-lr", "7e-3", "--weight-decay", "0.1")
     )
-    model = build_model(cfg, text_dim=24)
-    groups = param_groups(model, cfg)
+    model = build_model(cfg.model, cfg.loss.kind, text_dim=24)
+    o = cfg.optim
+    groups = param_groups(
+        model, lr=o.lr, adapter_lr=o.peak_adapter_lr, weight_decay=o.weight_decay, layer_decay=o.layer_decay
+    )
     where = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert len(where) == len(named)  # every trainable parameter exactly once
@@ -291,7 +302,7 @@ def test_param_groups_layer_decay_and_no_weight_decay(data, tmp_path):
 
 def test_center_text_sets_the_adapter_mean_from_the_cache(data, tmp_path):
     from llm2clip.cache import EmbeddingCache
-    from llm2clip.train import cache_mean
+    from llm2clip.training.model import cache_mean
 
     out = tmp_path / "centered"
     main(args(data, out, "--fused-loss", "--steps", "2", "--center-text", "--channels-last"))
@@ -304,16 +315,17 @@ def test_center_text_sets_the_adapter_mean_from_the_cache(data, tmp_path):
 
 
 def test_shard_sizes_are_counted_once_and_recounted_when_a_shard_changes(data, tmp_path, monkeypatch):
-    import llm2clip.train as train_mod
+    import llm2clip.data.sizes as sizes_mod
     from llm2clip.data.shards import expand_shards
 
     shards = expand_shards(data["shards"])
     counted = []
-    real = train_mod.count_samples
-    monkeypatch.setattr(train_mod, "count_samples", lambda s: counted.append(list(s)) or real(s))
-    assert train_mod.shard_sizes(shards, tmp_path) == [8, 8, 8, 8]
-    assert train_mod.shard_sizes(shards, tmp_path) == [8, 8, 8, 8]
+    real = sizes_mod.count_samples
+    monkeypatch.setattr(sizes_mod, "count_samples", lambda s: counted.append(list(s)) or real(s))
+    path = tmp_path / "shard_sizes.json"
+    assert sizes_mod.shard_sizes(shards, path) == [8, 8, 8, 8]
+    assert sizes_mod.shard_sizes(shards, path) == [8, 8, 8, 8]
     assert counted == [shards]  # the second call reused shard_sizes.json
     os.utime(shards[1], ns=(0, 0))  # a changed file is counted again, alone
-    assert train_mod.shard_sizes(shards, tmp_path) == [8, 8, 8, 8]
+    assert sizes_mod.shard_sizes(shards, path) == [8, 8, 8, 8]
     assert counted[1:] == [[shards[1]]]

@@ -16,11 +16,20 @@ import io
 import os
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from llm2clip.cache.index import shard_name
 
-__all__ = ["ShardError", "expand_shards", "iter_samples", "shard_name", "write_shard"]
+__all__ = [
+    "ShardError",
+    "count_samples",
+    "expand_shards",
+    "iter_samples",
+    "shard_name",
+    "walk_samples",
+    "write_shard",
+]
 
 
 class ShardError(RuntimeError):
@@ -68,34 +77,58 @@ def _split(member_name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), field
 
 
-def iter_samples(path: str) -> Iterator[dict]:
-    """Samples of one shard, in tar order. Fields are raw bytes; decoding is the caller's."""
-    name = shard_name(path)
+def walk_samples(
+    path: str, read: Callable[[int, str], bool] | None = None
+) -> Iterator[tuple[int, str, dict]]:
+    """(index, key, {field: bytes}) for every sample of one shard, in tar order: the one tar walk
+    behind every reader. A member's payload is read only when ``read(index, field)`` is true (all
+    of them without `read`); tarfile seeks past the others, reading their headers only. Raises
+    ShardError naming the shard when it can't be opened, is unreadable or was cut short."""
     try:
         tar = tarfile.open(path, mode="r:*")
     except (OSError, tarfile.TarError, EOFError) as e:
         raise ShardError(f"cannot open shard {path}: {e}") from e
-    sample: dict | None = None
+    index, key, members = -1, None, {}
     try:
         with tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, field = _split(member.name)
+                k, field = _split(member.name)
                 if not field:
                     continue
-                if sample is not None and sample["__key__"] != key:
-                    yield sample
-                    sample = None
-                if sample is None:
-                    sample = {"__key__": key, "__shard__": name}
-                f = tar.extractfile(member)
-                sample[field] = f.read() if f is not None else b""
+                if k != key:
+                    if key is not None:
+                        yield index, key, members
+                    index, key, members = index + 1, k, {}
+                if read is None or read(index, field):
+                    f = tar.extractfile(member)
+                    members[field] = f.read() if f is not None else b""
             _check_end_of_archive(path, tar)
     except (OSError, tarfile.TarError, EOFError) as e:
         raise ShardError(f"shard {path} is unreadable or truncated: {e}") from e
-    if sample is not None:
-        yield sample
+    if key is not None:
+        yield index, key, members
+
+
+def iter_samples(path: str) -> Iterator[dict]:
+    """Samples of one shard, in tar order: ``{"__key__", "__shard__", field: bytes, ...}``."""
+    name = shard_name(path)
+    for _, key, members in walk_samples(path):
+        yield {"__key__": key, "__shard__": name, **members}
+
+
+def _count(path: str) -> int:
+    return sum(1 for _ in walk_samples(path, read=lambda i, f: False))
+
+
+def count_samples(shards: Sequence[str], threads: int = 8) -> list[int]:
+    """Number of samples of each shard from the tar headers only (no payload is read)."""
+    shards = list(shards)
+    if not shards:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
+        return list(pool.map(_count, shards))
 
 
 def _check_end_of_archive(path: str, tar: tarfile.TarFile) -> None:

