@@ -1,5 +1,5 @@
 """Caption-cache row gather throughput: llm2clip._C against the stock ways, beside the card's own
-measured copy bandwidths (DESIGN.md section 3).
+measured copy bandwidths (docs/cache.md).
 
 Methods (GPU mode; table rows in the cache layout, bf16 storage and bf16 output by default):
 

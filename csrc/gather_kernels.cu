@@ -1,6 +1,6 @@
 // CUDA row gather for the caption-embedding cache: out[i] = dequant(table[ids[i]]).
 //
-// Recipe (DGL/GraphBolt, HugeCTR, FBGEMM; DESIGN.md section 3):
+// Recipe (DGL/GraphBolt, HugeCTR, FBGEMM; docs/cache.md, "Device tiers and the side-stream gather"):
 //   - a group of G threads per row (G = 1..32, a sub-warp for short rows, a warp for long ones);
 //     each thread issues kUnroll 16-byte loads before it converts anything, so a warp keeps
 //     32 * kUnroll * 16 B = 2 KiB in flight; rows are 128-byte padded, so a row's last 16-byte

@@ -21,6 +21,7 @@ from torch import nn
 from llm2clip.apps.eval import main
 from llm2clip.apps.extract import main as extract_main
 from llm2clip.cache import EmbeddingCache, StaleCacheError
+from llm2clip.cli import UsageError
 from llm2clip.data.images import decode_image, eval_transform, normalize_images
 from llm2clip.data.shards import write_shard
 from llm2clip.evaluation import (
@@ -471,9 +472,9 @@ def test_cli_end_to_end(env, tmp_path, capsys):
     assert saved["seconds"]["total"] > 0
 
     # clear errors
-    with pytest.raises(SystemExit, match="no evaluation data"):
+    with pytest.raises(UsageError, match="no evaluation data"):
         main(["--checkpoint", str(ckpt)])
-    with pytest.raises(SystemExit, match="no config.json"):
+    with pytest.raises(UsageError, match="no config.json"):
         main(["--checkpoint", str(tmp_path), "--retrieval-shards", str(env["shards"][0]), "--eval-cache",
               str(env["cache"])])  # fmt: skip
     zs_args = [
@@ -484,10 +485,10 @@ def test_cli_end_to_end(env, tmp_path, capsys):
         "--templates",
         str(tmp_path / "templates.json"),
     ]
-    with pytest.raises(SystemExit, match="--embed-like"):
+    with pytest.raises(UsageError, match="--embed-like"):
         main([*zs_args, "--classnames", str(tmp_path / "classes.txt")])
     (tmp_path / "two.txt").write_text("red\ngreen\n")
-    with pytest.raises(SystemExit, match=r"zs.tar, key 'z2': label 2 out of range for 2 class names"):
+    with pytest.raises(UsageError, match=r"zs.tar, key 'z2': label 2 out of range for 2 class names"):
         main(
             [
                 *zs_args,
@@ -499,3 +500,25 @@ def test_cli_end_to_end(env, tmp_path, capsys):
                 "cpu",
             ]
         )
+
+
+def test_eval_refuses_caches_of_another_llm_or_width(env, tmp_path):
+    """The checkpoint records the training cache's spec: an eval cache (or --embed-like cache) of
+    another LLM is refused naming the field; a width mismatch names both widths."""
+    import dataclasses
+
+    cache = EmbeddingCache.open(env["cache"])
+    ckpt = tmp_path / "other-llm"
+    model = _tiny_checkpoint(ckpt, cache.dim)
+    model.config.text_spec = dataclasses.replace(cache.spec, model_id="another/llm").to_dict()
+    model.save(ckpt)
+    shards = ["--retrieval-shards", str(env["shards"][0]), "--device", "cpu"]
+    with pytest.raises(StaleCacheError, match="model_id"):
+        main(["--checkpoint", str(ckpt), *shards, "--eval-cache", str(env["cache"])])
+    with pytest.raises(StaleCacheError, match="model_id"):
+        main(["--checkpoint", str(ckpt), *shards, "--embed-like", str(env["cache"])])
+    narrow = tmp_path / "narrow"
+    _tiny_checkpoint(narrow, cache.dim // 2)
+    message = rf"holds {cache.dim}-d LLM embeddings, but the model's adapter takes {cache.dim // 2}-d"
+    with pytest.raises(UsageError, match=message):
+        main(["--checkpoint", str(narrow), *shards, "--eval-cache", str(env["cache"])])

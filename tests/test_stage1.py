@@ -197,10 +197,10 @@ def test_mntp_masks_only_caption_tokens():
     assert all(inputs[i][p] == ids[i][p] for i in range(40) for p in range(11) if (i, p) not in set(where))
 
 
-def test_config_validation_and_help():
+def test_config_validation_and_help(tmp_path):
     parser = build_parser(Stage1Config, "python -m llm2clip.stage1", "")
     assert all(a.help for a in parser._actions)
-    base = dict(model="m", output_dir="o", pairs_jsonl=("p",))
+    base = dict(model=str(tmp_path), output_dir="o", pairs_jsonl=("p",))
     Stage1Config(**base)
     for bad in (
         {"shards": None, "pairs_jsonl": ()},
@@ -211,6 +211,10 @@ def test_config_validation_and_help():
         {"decay": "step"},
         {"eval_pairs": 5, "eval_jsonl": "x"},
         {"steps": 0, "mntp_steps": 0},
+        {"model": str(tmp_path / "missing")},
+        {"lr": float("nan")},
+        {"min_lr_ratio": -1.0},
+        {"lora_dropout": 1.0},
     ):
         with pytest.raises(ValueError):
             Stage1Config(**{**base, **bad})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from llm2clip.cache import StaleCacheError
 from llm2clip.distributed import DistInfo
 from llm2clip.models.clip_model import ClipModel
 from llm2clip.training.checkpoint import CheckpointManager
-from tests.train_fixtures import TINY_VIT, make_data
+from tests.train_fixtures import TINY_VIT, make_data, spec
 
 REPO = Path(__file__).resolve().parent.parent
 RTOL = 1e-4
@@ -103,6 +104,7 @@ def test_single_process_run_outputs(data, tmp_path):
     assert metrics["eval"]["retrieval"]["i2t_R@1"] >= 0
     assert [p.name for p in checkpoint_dirs(out)] == ["step_00000003", "step_00000004"]  # keep-last 2
     model = ClipModel.load(out / "final")
+    assert model.config.text_spec == config["cache_spec"]  # the training cache's spec is recorded
     last = ClipModel.load(out / "checkpoints" / "step_00000004")
     for (n, a), (_, b) in zip(model.state_dict().items(), last.state_dict().items()):
         assert torch.equal(a, b), n
@@ -193,8 +195,10 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     data = {"shards": str(tmp_path / "data" / "train-{0000..0003}.tar"), "cache": str(cache)}
     metrics = main(args(data, tmp_path / "ok", "--fused-loss", "--max-skipped-fraction", "0.5"))
     skipped = metrics["skipped"]
-    assert (skipped["corrupt_image"], skipped["missing_row"]) == (2, 1)
+    assert (skipped["corrupt_image"], skipped["missing_row"], skipped["total"]) == (2, 1, 3)
     assert skipped["by_shard"] == {"train-0000.tar": 3}
+    saved = json.loads((tmp_path / "ok" / "metrics.json").read_text())["skipped"]
+    assert saved == skipped  # the summary on disk carries the true counts (total included)
     with pytest.raises(RuntimeError, match=r"3 of \d+ samples skipped.*train-0000.tar \(3\)"):
         strict = ["--max-skipped-fraction", "0.01", "--skip-grace", "1"]
         main(args(data, tmp_path / "strict", "--fused-loss", *strict))
@@ -223,6 +227,59 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monke
     assert [p.name for p in checkpoint_dirs(out)] == ["step_00000001", "step_00000002"]
     assert not (out / "final").exists()
     assert ClipModel.load(out / "checkpoints" / "step_00000002") is not None
+
+
+def test_non_finite_parameters_stop_before_any_write(data, tmp_path, monkeypatch):
+    """An optimizer step that leaves a parameter NaN stops the run naming the step and the
+    parameter, before that step's checkpoint: every checkpoint on disk is finite."""
+    from safetensors.torch import load_file
+
+    from llm2clip.training.step import NonFiniteParameters
+
+    real, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def poisoned(self, *a, **kw):
+        out = real(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    out = tmp_path / "nan-params"
+    with pytest.raises(NonFiniteParameters, match=r"step 3: the optimizer step left parameter \S+ NaN") as e:
+        main(args(data, out, "--fused-loss", "--checkpoint-every", "1", "--keep-last", "5"))
+    assert "last good checkpoint is" in str(e.value) and "step_00000002" in str(e.value)
+    assert [p.name for p in checkpoint_dirs(out)] == ["step_00000001", "step_00000002"]
+    for name, t in load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors")).items():
+        assert torch.isfinite(t).all(), name
+    assert not (out / "final").exists() and not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--lr", "nan", "not a finite number"),
+        ("--adapter-lr", "inf", "not a finite number"),
+        ("--weight-decay", "nan", "not a finite number"),
+        ("--min-lr-ratio", "-1", r"--min-lr-ratio must be in \[0, 1\]"),
+        ("--min-lr-ratio", "1.5", r"--min-lr-ratio must be in \[0, 1\]"),
+        ("--beta2", "1", r"--beta2 must be in \[0, 1\)"),
+        ("--eps", "0", "--eps must be positive"),
+        ("--adapter-lr", "-1e-3", "--adapter-lr must be positive"),
+        ("--max-skipped-fraction", "nan", "not a finite number"),
+    ],
+)
+def test_float_options_are_finite_and_in_range(data, tmp_path, capsys, flag, value, message):
+    from llm2clip.cli import UsageError
+
+    with pytest.raises((SystemExit, UsageError)) as e:
+        parse_config(args(data, tmp_path, f"{flag}={value}"))
+    text = str(e.value) if isinstance(e.value, UsageError) else capsys.readouterr().err
+    assert re.search(message, text), text
+    if isinstance(e.value, SystemExit):
+        assert e.value.code == 2
 
 
 def test_mismatched_cache_is_refused_before_the_first_step(data, tmp_path):
@@ -280,7 +337,7 @@ def test_param_groups_layer_decay_and_no_weight_decay(data, tmp_path):
     cfg = parse_config(
         args(data, tmp_path, "--layer-decay", "0.5", "--adapter-lr", "7e-3", "--weight-decay", "0.1")
     )
-    model = build_model(cfg.model, cfg.loss.kind, text_dim=24)
+    model = build_model(cfg.model, cfg.loss.kind, spec())
     o = cfg.optim
     groups = param_groups(
         model, lr=o.lr, adapter_lr=o.peak_adapter_lr, weight_decay=o.weight_decay, layer_decay=o.layer_decay

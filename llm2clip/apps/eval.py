@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from llm2clip.cache import EmbeddingCache, StaleCacheError
+from llm2clip.cache import VERIFY_MODES, CacheSpec, EmbeddingCache
+from llm2clip.cache.manifest import check_spec
+from llm2clip.cli import UsageError, parse_config, run
 from llm2clip.cli import config_field as _f
-from llm2clip.cli import parse_config
 from llm2clip.distributed import DEVICES
 from llm2clip.evaluation import evaluate, format_table, load_retrieval_set, load_zeroshot_set, read_names
 from llm2clip.files import atomic_write_json
@@ -67,11 +68,17 @@ class EvalCliConfig:
     precision: str = _f(
         "fp32", "Autocast dtype of the model's forward (fp32: no autocast).", choices=tuple(PRECISIONS)
     )
+    verify_cache: str = _f(
+        "lazy",
+        "Cache integrity checks: lazy (index and probe at open, each block of rows when first read), "
+        "full (every byte at open), off.",
+        choices=VERIFY_MODES,
+    )
     out: str | None = _f(None, "Write the results, arguments, counts and timing as JSON here.")
 
 
-def _fail(msg: str) -> SystemExit:
-    return SystemExit(f"llm2clip.eval: {msg}")
+def _fail(msg: str) -> UsageError:
+    return UsageError(msg)
 
 
 def _check(args: EvalCliConfig) -> None:
@@ -96,19 +103,32 @@ def _check(args: EvalCliConfig) -> None:
         )
 
 
-def _text_sources(args: EvalCliConfig, device: torch.device):
-    """(embedder or None, eval cache or None); a held-out cache must come from the training LLM."""
+def _open_cache(flag: str, path: str, model: ClipModel, verify: str) -> EmbeddingCache:
+    """A cache the model's adapter can read: its width, and (when the checkpoint records it) the
+    spec of the training cache, must match; the error names both sides."""
+    cache = EmbeddingCache.open(path, verify=verify)
+    width = model.config.adapter.input_dim
+    if cache.dim != width:
+        raise UsageError(
+            f"{flag} {path} holds {cache.dim}-d LLM embeddings, but the model's adapter takes {width}-d "
+            "ones: it was trained on another LLM's cache"
+        )
+    if model.config.text_spec is not None:
+        check_spec(CacheSpec.from_dict(model.config.text_spec), cache.spec, path)
+    return cache
+
+
+def _text_sources(args: EvalCliConfig, model: ClipModel, device: torch.device):
+    """(embedder or None, eval cache or None): both from the LLM the model was trained against."""
     embedder = eval_cache = None
-    try:
-        if args.embed_like:
-            embedder = embedder_like(args.embed_like, device)
-        if args.eval_cache:
-            eval_cache = EmbeddingCache.open(args.eval_cache)
-            if embedder is not None:
-                with torch.inference_mode():
-                    eval_cache.verify_probe(embedder.encode)
-    except (StaleCacheError, FileNotFoundError) as e:
-        raise _fail(str(e)) from e
+    if args.embed_like:
+        _open_cache("--embed-like", args.embed_like, model, args.verify_cache)
+        embedder = embedder_like(args.embed_like, device)
+    if args.eval_cache:
+        eval_cache = _open_cache("--eval-cache", args.eval_cache, model, args.verify_cache)
+        if embedder is not None:
+            with torch.inference_mode():
+                eval_cache.verify_probe(embedder.encode)
     return embedder, eval_cache
 
 
@@ -157,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if image_size is None:
         raise _fail("the vision tower has no config.image_size: give --image-size")
     t0 = time.perf_counter()
-    embedder, eval_cache = _text_sources(args, device)
+    embedder, eval_cache = _text_sources(args, model, device)
     seconds["load_embedder"] = time.perf_counter() - t0
     retrieval, zeroshot = _load_sets(args, image_size, embedder, eval_cache, seconds)
 
@@ -179,4 +199,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "llm2clip.eval")

@@ -32,9 +32,9 @@ import torch
 
 from llm2clip.cache import PROBE_CAPTIONS, STORAGES, CacheSpec, CacheWriter
 from llm2clip.cache.format import MANIFEST_FILE
+from llm2clip.cli import UsageError, require_finite, run, section
 from llm2clip.cli import config_field as _f
 from llm2clip.cli import parse_config as _parse
-from llm2clip.cli import section
 from llm2clip.data.fields import FieldSpec
 from llm2clip.data.shards import expand_shards, shard_name
 from llm2clip.distributed import DEVICES, DistInfo, broadcast_object, distributed_session, gather_object
@@ -74,6 +74,9 @@ class ExtractConfig:
     dist_timeout_min: float = _f(24 * 60.0, "Minutes the ranks wait for each other at the final barrier.")
 
     def __post_init__(self) -> None:
+        require_finite(self)
+        if self.dist_timeout_min <= 0:
+            raise ValueError(f"--dist-timeout-min must be positive, got {self.dist_timeout_min}")
         self.shards, self.fields = list(self.shards), list(self.fields)
         if not self.shards:
             raise ValueError("no --shards given")
@@ -129,12 +132,12 @@ class _Rates:
 def _shard_paths(cfg: ExtractConfig) -> tuple[list[str], list[str]]:
     out = Path(cfg.out)
     if (out / MANIFEST_FILE).exists():
-        raise SystemExit(f"llm2clip.extract: {out} already holds a merged cache; write to a new directory")
+        raise UsageError(f"{out} already holds a merged cache; write to a new directory")
     paths = expand_shards(list(cfg.shards))
     names = [shard_name(p) for p in paths]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise SystemExit(f"llm2clip.extract: shard names must be unique (the cache keys on them): {dup[:5]}")
+        raise UsageError(f"shard names must be unique (the cache keys on them): {dup[:5]}")
     return paths, names
 
 
@@ -282,4 +285,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "llm2clip.extract")

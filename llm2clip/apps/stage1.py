@@ -31,12 +31,13 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from llm2clip.cli import config_field as _f
-from llm2clip.cli import parse_config
+from llm2clip.cli import parse_config, require_finite, run
 from llm2clip.data.fields import FieldSpec
 from llm2clip.data.pairs import PairStream, held_out_pairs
 from llm2clip.data.shards import expand_shards
@@ -130,6 +131,7 @@ class Stage1Config:
     log_every: int = _f(10, "Progress line every N steps when no tqdm bar is shown.")
 
     def __post_init__(self) -> None:
+        require_finite(self)
         if isinstance(self.lora_targets, str):
             self.lora_targets = (self.lora_targets,)
         self.lora_targets = tuple(self.lora_targets)
@@ -138,6 +140,10 @@ class Stage1Config:
         self.pairs_jsonl = tuple(self.pairs_jsonl)
         if not self.model:
             raise ValueError("--model is required (a local model directory or .gguf file)")
+        if not Path(self.model).exists():
+            raise ValueError(
+                f"--model {self.model}: no such file or directory (a local path: nothing is downloaded)"
+            )
         if not self.output_dir:
             raise ValueError("--output-dir is required")
         if self.shards is None and not self.pairs_jsonl:
@@ -172,6 +178,9 @@ class Stage1Config:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay must be >= 0")
+        if self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_alpha must be positive and lora_dropout in [0, 1), got "
+                             f"{self.lora_alpha} and {self.lora_dropout}")  # fmt: skip
         if self.eval_jsonl is not None and self.eval_pairs:
             raise ValueError("give --eval-pairs or --eval-jsonl, not both")
         self.lora_settings()  # validates r / dropout / targets
@@ -383,4 +392,4 @@ def write_outputs(cfg: Stage1Config, embedder: LLMTextEmbedder, out: str) -> Non
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "llm2clip.stage1")

@@ -13,6 +13,7 @@ resuming works: docs/training.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -25,10 +26,11 @@ import torch
 from llm2clip.cache import EmbeddingCache
 from llm2clip.cache.device import DeviceRows
 from llm2clip.cli import parse_config as _parse
+from llm2clip.cli import run
 from llm2clip.data.fields import FieldSpec
 from llm2clip.data.images import normalize_images
-from llm2clip.data.shards import expand_shards
-from llm2clip.data.sizes import shard_sizes
+from llm2clip.data.shards import ReadPolicy, expand_shards
+from llm2clip.data.sizes import nominal_sizes, shard_sizes
 from llm2clip.data.stream import SKIP_REASONS, ShardImageDataset
 from llm2clip.distributed import DistInfo, broadcast_object, distributed_session, print0
 from llm2clip.files import atomic_write_json
@@ -45,7 +47,7 @@ from llm2clip.training.optim import lr_schedule, param_groups
 from llm2clip.training.parallel import full_state, scalar_value, wrap_model
 from llm2clip.training.rng import seed_everything
 from llm2clip.training.skips import SkipTracker
-from llm2clip.training.step import StepStats, TrainStep
+from llm2clip.training.step import NonFiniteParameters, StepStats, TrainStep
 
 # Config fields that a resumed run must share with its checkpoint (they change what is trained).
 RESUME_MUST_MATCH = (
@@ -100,6 +102,10 @@ class Stage2:
         stop = self.cfg.checkpoint.stop_at_step
         return min(self.total, stop) if stop else self.total
 
+    def checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.checkpoint.checkpoint_every
+        return step == self.end or bool(every and step % every == 0)
+
     def save(self, step: int) -> None:
         state = {
             "optimizer": None, "scheduler": self.scheduler.state_dict(),
@@ -115,7 +121,7 @@ class Stage2:
 def _model(cfg: TrainConfig, dist: DistInfo, cache: EmbeddingCache):
     """(ClipModel, wrapped model, optimizer): the same init on every rank, per-rank RNG after."""
     seed_everything(cfg.seed)
-    clip_model = build_model(cfg.model, cfg.loss.kind, cache.dim, cfg.data.cache)
+    clip_model = build_model(cfg.model, cfg.loss.kind, cache.spec, cfg.data.cache)
     if cfg.model.center_text and not cfg.model.init_from:  # a resume overwrites it with the checkpoint's
         clip_model.adapter.input_mean.copy_(cache_mean(cache, seed=cfg.seed))
     if cfg.model.channels_last:
@@ -161,18 +167,24 @@ def _resume(run: Stage2) -> None:
 def setup(cfg: TrainConfig, dist: DistInfo) -> Stage2:
     """Every component of the run, resumed when asked; config.json written."""
     out = Path(cfg.output_dir)
-    cache = EmbeddingCache.open(cfg.data.cache)  # refuses corrupt / truncated caches
+    cache = EmbeddingCache.open(cfg.data.cache, verify=cfg.data.verify_cache)  # refuses corrupt caches
     if not cfg.data.fields:
         cfg = dataclasses.replace(
             cfg, data=dataclasses.replace(cfg.data, fields=cache_fields(cfg.data.cache))
         )
-    shards = expand_shards(cfg.data.train_shards)
-    sizes = broadcast_object(shard_sizes(shards, out / "shard_sizes.json") if dist.is_main else None, dist)
-    clip_model, model, optimizer = _model(cfg, dist, cache)
     d = cfg.data
+    shards = expand_shards(d.train_shards)
+    policy = ReadPolicy.from_env(retries=d.shard_retries, timeout_s=d.shard_timeout_s)
+    if d.train_num_samples:
+        sizes = nominal_sizes(len(shards), d.train_num_samples)
+    else:
+        count = lambda: shard_sizes(shards, out / "shard_sizes.json", d.shard_sizes_file, policy)  # noqa: E731
+        sizes = broadcast_object(count() if dist.is_main else None, dist)
+    clip_model, model, optimizer = _model(cfg, dist, cache)
     dataset = ShardImageDataset(
         shards, cache, d.fields, d.batch_size, clip_model.visual.image_size,
         rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, shard_sizes=sizes,
+        exact_sizes=not d.train_num_samples, on_shard_error=d.on_shard_error, decode=d.decode, policy=policy,
     )  # fmt: skip
     total = cfg.optim.steps or cfg.optim.epochs * dataset.batches_per_epoch()
     o = cfg.optim
@@ -211,7 +223,7 @@ def _attach_step_parts(run: Stage2) -> None:
     run.log = MetricsLogger(cfg.output_dir, dist, resumed, cfg.logging.tensorboard, progress)
     autocast = cfg.parallel.autocast(dev)
     image_size = run.clip_model.visual.image_size
-    fresh = lambda: build_model(cfg.model, cfg.loss.kind, run.cache.dim, cfg.data.cache)  # noqa: E731
+    fresh = lambda: build_model(cfg.model, cfg.loss.kind, run.cache.spec, cfg.data.cache)  # noqa: E731
     run.evaluator = PeriodicEval(cfg.eval, run.cache, image_size, dist, autocast, fresh)
     vis = run.clip_model.visual.config
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -272,27 +284,47 @@ def train(cfg: TrainConfig, dist: DistInfo, on_step: Callable[[int], None] | Non
         if batch["index"] != step:  # the data position must be the step: a resume relies on it
             raise RuntimeError(f"data loader returned batch {batch['index']} at step {step}")
         kept = run.skips.update(step, batch["rows"].shape[0], batch["skipped"])
-        try:
+        with _stops(run, step):
             stats = run.step_fn(batch["images"], batch["rows"], run.rows)
-        except FloatingPointError as e:
-            raise FloatingPointError(
-                f"step {step + 1}: {e}. The last good checkpoint is left intact in {run.ckpt.root} (resume "
-                "with --resume, perhaps with a lower --lr or more --warmup-steps)."
-            ) from e
         step += 1
         run.train_time_s += stats.seconds
         run.losses.append(stats.loss)
         run.log.step(_record(run, step, stats, kept), show=SHOWN)
-        if step == run.end or (
-            cfg.checkpoint.checkpoint_every and step % cfg.checkpoint.checkpoint_every == 0
-        ):
+        save, evaluate = run.checkpoint_due(step), run.evaluator.due(step, run.total)
+        if save or evaluate:
+            with _stops(run, step):
+                run.step_fn.check_parameters()  # never write or evaluate non-finite weights
+        if save:
             run.save(step)
-        if run.evaluator.due(step, run.total):
+        if evaluate:
             run.evaluator.run(step, run.model, run.clip_model, run.log)
         if on_step is not None:
             on_step(step)
     del batches
     return _finish(run, step, time.perf_counter() - t_start)
+
+
+@contextlib.contextmanager
+def _stops(run: Stage2, done: int):
+    """Re-raise a non-finite step naming the step and what is on disk (`done` steps completed)."""
+    try:
+        yield
+    except NonFiniteParameters as e:  # found after step `done`, before anything was written
+        raise NonFiniteParameters(
+            f"step {done}: {e}; stopped before writing anything. {_on_disk(run)}"
+        ) from e
+    except FloatingPointError as e:
+        raise FloatingPointError(f"step {done + 1}: {e}. {_on_disk(run)}") from e
+
+
+def _on_disk(run: Stage2) -> str:
+    found = run.ckpt.dirs()
+    if not found:
+        return "No checkpoint was written (lower --lr or raise --warmup-steps and start again)."
+    return (
+        f"The last good checkpoint is {found[-1]} (resume with --resume, perhaps with a lower --lr or "
+        "more --warmup-steps)."
+    )
 
 
 def _banner(run: Stage2) -> str:
@@ -313,6 +345,8 @@ def _finish(run: Stage2, step: int, wall_time_s: float) -> dict:
     run.log.progress.close()
     finished = step >= run.total
     if finished:
+        with _stops(run, step):
+            run.step_fn.check_parameters()
         run.evaluator.run(step, run.model, run.clip_model, run.log)
     metrics = {
         "step": step, "total_steps": run.total, "finished": finished, "world_size": dist.world_size,
@@ -341,4 +375,4 @@ def main(argv: Sequence[str] | None = None, on_step: Callable[[int], None] | Non
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "llm2clip.train")

@@ -14,7 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["SkipCounts"]
+__all__ = ["SkipCounts", "SkipLimitError"]
+
+
+class SkipLimitError(RuntimeError):
+    """A run stopped because too many samples were skipped (the message names the worst shards)."""
 
 
 @dataclass

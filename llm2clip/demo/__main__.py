@@ -2,5 +2,6 @@
 
 if __name__ == "__main__":
     from llm2clip.apps.demo.__main__ import main
+    from llm2clip.cli import run
 
-    main()
+    run(main, "llm2clip.demo")

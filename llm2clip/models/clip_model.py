@@ -59,6 +59,9 @@ class ClipModelConfig:
     """Upper clamp of t (clamp_logit_scale); the lower clamp is 0."""
     vision: dict | None = None
     """How to rebuild the vision tower (ClipModel writes class path + config); None: give it to load()."""
+    text_spec: dict | None = None
+    """The CacheSpec (``llm2clip.cache.CacheSpec.to_dict()``) of the caption embeddings the adapter
+    was trained on: which LLM, adapter, template, pooling, length and width. None: not recorded."""
 
     def __post_init__(self) -> None:
         if isinstance(self.adapter, dict):

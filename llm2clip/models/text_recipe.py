@@ -68,6 +68,11 @@ class TextRecipe:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("--model is required (a local model directory or .gguf file)")
+        for flag, path in (("--model", self.model), ("--adapter", self.adapter)):
+            if path and not Path(path).exists():
+                raise ValueError(
+                    f"{flag} {path}: no such file or directory (a local path: nothing is downloaded)"
+                )
         self.embedder_config()  # validates pooling, template, lengths, dtype
 
     def embedder_config(self) -> TextEmbedderConfig:

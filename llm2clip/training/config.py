@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from llm2clip.cli import config_field as _f
-from llm2clip.cli import section
+from llm2clip.cli import require_finite, section
 from llm2clip.distributed import DEVICES
 from llm2clip.training.losses import LOSSES
 from llm2clip.training.optim import DECAYS
@@ -68,7 +68,9 @@ def _tuple(value) -> tuple:
 class DataConfig:
     """Training data: shards, the caption-embedding cache, batches and the skip policy."""
 
-    train_shards: str = _f("", "Training shards: a directory, glob, brace pattern or '::'-joined specs.")
+    train_shards: str = _f(
+        "", "Training shards: paths or URLs (pipe:, http(s)://, ...), directories, globs, {a..b}, '::' lists."
+    )
     cache: str = _f("", "Caption-embedding cache of the training shards (python -m llm2clip.extract).")
     fields: tuple[str, ...] = _f(
         (), "Caption fields of the cache to draw from, uniformly per sample (default: the extraction's)."
@@ -80,11 +82,36 @@ class DataConfig:
         f"On CUDA, where the gather reads rows: {CACHE_TIERS} (auto: a GPU copy if it fits in 20%% of "
         "free memory).",
     )
+    verify_cache: str = _f(
+        "lazy",
+        "Cache integrity checks: lazy (index and probe at open, each block of rows when first read), "
+        "full (every byte at open), off.",
+        choices=("full", "lazy", "off"),
+    )
     max_skipped_fraction: float = _f(0.05, "Stop when more than this fraction of samples was skipped ...")
     skip_grace: int = _f(1000, "... once this many samples have been seen (all ranks).")
+    train_num_samples: int = _f(
+        0, "Nominal samples of the training shards, split evenly over them (0: count each shard exactly)."
+    )
+    shard_sizes_file: str | None = _f(None, "JSON {shard URL, path or name: samples} (instead of counting).")
+    on_shard_error: str = _f(
+        "skip",
+        "A shard still unreadable after the retries: skip (its samples count as skipped) or raise.",
+        choices=("skip", "raise"),
+    )
+    shard_retries: int = _f(3, "Retries of a failed URL read (with backoff) before the shard is unreadable.")
+    shard_timeout_s: float = _f(60.0, "Seconds a URL read may stall (or go below 1 KiB/s) before a retry.")
+    decode: str = _f(
+        "auto", "Image decode path: auto (= draft), draft (JPEG reduced by libjpeg) or pil.",
+        choices=("auto", "draft", "pil"),
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
+        require_finite(self)
         self.fields = _tuple(self.fields)
+        _at_least(self, ["train_num_samples", "shard_retries"], 0)
+        if not self.shard_timeout_s > 0:
+            raise ValueError(f"--shard-timeout-s must be positive, got {self.shard_timeout_s}")
         for name in ("train_shards", "cache"):
             if not getattr(self, name):
                 raise ValueError(f"{_flag(name)} is required")
@@ -186,9 +213,19 @@ class OptimConfig:
     eps: float = _f(1e-6, "AdamW epsilon.")
 
     def __post_init__(self) -> None:
+        require_finite(self)
         _choose(self, "decay", DECAYS)
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.adapter_lr is not None and self.adapter_lr <= 0:
+            raise ValueError(f"--adapter-lr must be positive, got {self.adapter_lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ValueError(f"--eps must be positive, got {self.eps}")
         _at_least(self, ["epochs", "steps", "warmup_steps"], 0)
         if self.steps == 0 and self.epochs == 0:
             raise ValueError("nothing to train: --steps and --epochs are both 0")

@@ -34,7 +34,11 @@ def load_eval_sets(cfg: EvalConfig, cache: EmbeddingCache, image_size: int, devi
     max_images = cfg.eval_max_images or None
     retrieval = zeroshot = None
     if cfg.eval_shards:
-        eval_cache = EmbeddingCache.open(cfg.eval_cache, expect=cache.spec) if cfg.eval_cache else cache
+        eval_cache = (
+            EmbeddingCache.open(cfg.eval_cache, expect=cache.spec, verify=cache.verify)
+            if cfg.eval_cache
+            else cache
+        )
         retrieval = load_retrieval_set(
             expand_shards(cfg.eval_shards), list(cfg.eval_fields), image_size,
             cache=eval_cache, max_images=max_images,

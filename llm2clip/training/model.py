@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llm2clip.cache import EmbeddingCache, StaleCacheError
+from llm2clip.cache import CacheSpec, EmbeddingCache, StaleCacheError
+from llm2clip.cache.manifest import check_spec
 from llm2clip.models.adapter import AdapterConfig, embedding_mean
 from llm2clip.models.clip_model import ClipModel, ClipModelConfig
 from llm2clip.training.config import CNN_TOWERS, ModelConfig
@@ -17,13 +18,15 @@ from llm2clip.training.config import CNN_TOWERS, ModelConfig
 __all__ = ["build_model", "cache_mean"]
 
 
-def _load_init(cfg: ModelConfig, text_dim: int, cache_path: str) -> ClipModel:
+def _load_init(cfg: ModelConfig, spec: CacheSpec, cache_path: str) -> ClipModel:
     model = ClipModel.load(cfg.init_from)
-    if model.config.adapter.input_dim != text_dim:
+    if model.config.adapter.input_dim != spec.dim:
         raise StaleCacheError(
             f"--init-from {cfg.init_from}: its adapter takes {model.config.adapter.input_dim}-d LLM "
-            f"embeddings, the cache {cache_path} holds {text_dim}-d ones"
+            f"embeddings, the cache {cache_path} holds {spec.dim}-d ones"
         )
+    if model.config.text_spec is not None:  # trained on another LLM's embeddings: refuse
+        check_spec(CacheSpec.from_dict(model.config.text_spec), spec, cache_path)
     centered = model.config.adapter.center_input
     if cfg.center_text != centered:
         flag = "--center-text" if centered else "--no-center-text"
@@ -34,10 +37,15 @@ def _load_init(cfg: ModelConfig, text_dim: int, cache_path: str) -> ClipModel:
     return model
 
 
-def build_model(cfg: ModelConfig, loss: str, text_dim: int, cache_path: str = "the cache") -> ClipModel:
-    """The run's ClipModel (the same init on every rank: call after seeding)."""
-    if cfg.init_from:
-        return _load_init(cfg, text_dim, cache_path)
+def build_model(cfg: ModelConfig, loss: str, spec: CacheSpec, cache_path: str = "the cache") -> ClipModel:
+    """The run's ClipModel over the embeddings of a cache with `spec` (recorded in the model's
+    config as ``text_spec``); the same init on every rank: call after seeding."""
+    model = _load_init(cfg, spec, cache_path) if cfg.init_from else _new_model(cfg, loss, spec.dim)
+    model.config.text_spec = spec.to_dict()
+    return model
+
+
+def _new_model(cfg: ModelConfig, loss: str, text_dim: int) -> ClipModel:
     kw = cfg.tower_overrides()
     if cfg.vision in CNN_TOWERS:
         from llm2clip.models.cnn_tower import CNNTower, CNNTowerConfig

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as torch_dist
 
-from llm2clip.data.skips import SkipCounts
+from llm2clip.data.skips import SkipCounts, SkipLimitError
 from llm2clip.distributed import DistInfo, gather_object
 
 __all__ = ["SkipTracker"]
@@ -65,7 +65,7 @@ class SkipTracker:
         why = "a rank's batch has no usable sample" if empty else f"more than {self.max_fraction:.1%} skipped"
         detail = ", ".join(f"{r.replace('_', ' ')} {t[r]}" for r in self.reasons)
         hint = self.hint(t) if self.hint is not None else ""
-        raise RuntimeError(
+        raise SkipLimitError(
             f"step {step + 1}: {why}: {t.total} of {self.samples} samples skipped ({detail}); "
             f"shards: {worst}.{hint}"
         )

@@ -14,7 +14,11 @@ Order of work in a step (docs/training.md, "One step"):
 5. FSDP2's replicated gradients averaged; the global gradient norm clipped; the loss and the norm
    averaged over ranks (the step's one host synchronisation); a non-finite loss or norm raises
    FloatingPointError before the optimizer step;
-6. AdamW, the schedule, and the logit scale clamped to [0, ln 100].
+6. AdamW, the schedule, and the logit scale clamped to [0, ln 100];
+7. a device flag records whether every parameter is still finite (one fused norm over the
+   parameters, no synchronisation). The next step's synchronisation carries it, and
+   ``check_parameters()`` reads it before anything is written: NonFiniteParameters names the
+   first bad parameter, so no checkpoint ever holds a non-finite tensor.
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ from llm2clip.training.grad_cache import contrastive_backward, grad_sync_context
 from llm2clip.training.optim import clip_grads
 from llm2clip.training.parallel import average_replicated_grads
 
-__all__ = ["StepStats", "TrainStep"]
+__all__ = ["NonFiniteParameters", "StepStats", "TrainStep"]
+
+
+class NonFiniteParameters(FloatingPointError):
+    """The last optimizer step left a parameter NaN or infinite (the message names it)."""
 
 
 @dataclass
@@ -87,7 +95,9 @@ class TrainStep:
         self.autocast, self.fsdp = autocast, fsdp
         self.prepare_images = prepare_images or (lambda x: x)
         self.sync = grad_sync_context(model)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self._bad: Tensor | None = None  # set after each optimizer step: any parameter not finite
 
     def __call__(self, images: Tensor, row_ids: Tensor, rows) -> StepStats:
         t0 = time.perf_counter()
@@ -102,7 +112,9 @@ class TrainStep:
         if self.fsdp:
             average_replicated_grads(self.params, self.dist)
         norm = clip_grads(self.params, self.grad_clip, self.dist)
-        loss_value, norm_value = self._averaged(loss, norm)
+        loss_value, norm_value, bad = self._averaged(loss, norm)
+        if bad:
+            raise NonFiniteParameters(self._bad_message())
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             raise FloatingPointError(
                 f"loss {loss_value} / gradient norm {norm_value} is not finite; stopped before the "
@@ -111,11 +123,48 @@ class TrainStep:
         self.optimizer.step()
         self.scheduler.step()
         self.clip_model.clamp_logit_scale()
+        self._bad = _any_not_finite(self.params)
         return StepStats(loss_value, norm_value, info["chunks"], time.perf_counter() - t0)
 
-    def _averaged(self, loss: Tensor, norm: Tensor) -> tuple[float, float]:
-        stats = torch.stack([loss.float(), norm.float().to(loss.device)])
+    def check_parameters(self) -> None:
+        """Raise NonFiniteParameters if the last optimizer step left a parameter non-finite on any
+        rank (a synchronisation: call it before writing weights)."""
+        if self._bad is None:
+            return
+        bad = self._bad.clone()
+        if self.dist.distributed:
+            torch_dist.all_reduce(bad)
+        if bool(bad.item()):
+            raise NonFiniteParameters(self._bad_message())
+
+    def _bad_message(self) -> str:
+        first = next(
+            (n for n, p in zip(self.names, self.params) if not bool(_local(p).isfinite().all())), None
+        )
+        where = f"parameter {first}" if first else "a parameter (on another rank)"
+        return f"the optimizer step left {where} NaN or infinite"
+
+    def _averaged(self, loss: Tensor, norm: Tensor) -> tuple[float, float, bool]:
+        """(loss, norm) averaged over ranks, and whether the previous step left any rank's
+        parameters non-finite: one all-reduce, the step's one host synchronisation."""
+        bad = self._bad if self._bad is not None else torch.zeros((), device=loss.device)
+        stats = torch.stack([loss.float(), norm.float().to(loss.device), bad.float().to(loss.device)])
         if self.dist.distributed:
             torch_dist.all_reduce(stats)
-            stats /= self.dist.world_size
-        return tuple(stats.tolist())
+            stats[:2] /= self.dist.world_size
+        loss_value, norm_value, bad_value = stats.tolist()
+        return loss_value, norm_value, bad_value > 0
+
+
+def _local(p: Tensor) -> Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _any_not_finite(params: list[Tensor]) -> Tensor:
+    """A 0-d float tensor, 1 when any parameter holds a NaN or an infinity (no synchronisation: one
+    fused norm per device over this rank's parameters or shards)."""
+    tensors = [_local(p.detach()) for p in params]
+    if not tensors:
+        return torch.zeros(())
+    norms = torch._foreach_norm(tensors)
+    return (~torch.stack([n.float() for n in norms]).isfinite().all()).float()
