@@ -392,6 +392,8 @@ def test_skipped_samples_are_counted_with_their_shard(data):
         "corrupt_image": 1,
         "missing_image": 1,
         "missing_row": 1,
+        "unreadable_shard": 0,
+        "short_shard": 0,
         "total": 3,
         "by_shard": {"bad-0000.tar": 3},
     }

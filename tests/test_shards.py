@@ -24,7 +24,9 @@ def test_expand(tmp_path):
         str(tmp_path / "000.tar"),
         str(tmp_path / "001.tar"),
     ]
-    assert len(expand_shards(str(tmp_path / "*.tar") + "::" + str(tmp_path / "000.tar"))) == 4
+    assert len(expand_shards(str(tmp_path / "00[01].tar") + "::" + str(tmp_path / "002.tar"))) == 3
+    with pytest.raises(ValueError, match="000.tar is listed twice"):
+        expand_shards(str(tmp_path / "*.tar") + "::" + str(tmp_path / "000.tar"))
     with pytest.raises(FileNotFoundError, match="no shards match"):
         expand_shards(str(tmp_path / "missing-*.tar"))
 

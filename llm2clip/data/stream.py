@@ -13,7 +13,14 @@ Contract (the algorithm is in docs/training.md, "The data stream"):
 - a sample without an image, without a cache row or with an undecodable image is dropped from its
   batch and counted (``SkipCounts``: corrupt_image, missing_image, missing_row, by shard); later
   batch positions do not move;
-- an unreadable shard, or one whose sample count differs from ``shard_sizes``, raises ShardError.
+- an unreadable shard (after ``policy``'s retries for a URL) raises ShardError, or with
+  ``on_shard_error="skip"`` its samples are dropped and counted as unreadable_shard;
+- a shard whose sample count differs from ``shard_sizes`` raises ShardError; with
+  ``exact_sizes=False`` (sizes from ``--train-num-samples``: nominal) positions past the shard's
+  end are counted as short_shard and samples past its nominal size are not used.
+
+Shards may be local paths or URLs (``llm2clip.data.shards``); images are decoded by the ``decode``
+path (``llm2clip.data.images``: ``auto`` = draft).
 """
 
 from __future__ import annotations
@@ -26,31 +33,45 @@ import numpy as np
 import torch
 
 from llm2clip.cache import EmbeddingCache
-from llm2clip.data.images import IMAGE_FIELDS, _EvalTransform, _TrainTransform, decode_image
-from llm2clip.data.shards import ShardError, count_samples, shard_name, walk_samples
+from llm2clip.data.images import DECODE_MODES, IMAGE_FIELDS, _EvalTransform, _TrainTransform
+from llm2clip.data.shards import (
+    ReadPolicy,
+    ShardError,
+    check_unique_names,
+    count_samples,
+    shard_name,
+    walk_samples,
+)
 from llm2clip.data.skips import SkipCounts
 
 __all__ = ["SKIP_REASONS", "ShardImageDataset"]
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("corrupt_image", "missing_image", "missing_row")
-"""Why a sample is dropped: undecodable image, no image member, no cache row in any field."""
+SKIP_REASONS = ("corrupt_image", "missing_image", "missing_row", "unreadable_shard", "short_shard")
+"""Why a sample is dropped: undecodable image, no image member, no cache row in any field, its
+shard could not be read (on_shard_error="skip"), its position lies past its shard's end (nominal
+sizes)."""
+
+ON_SHARD_ERROR = ("raise", "skip")
 
 
-def _read_images(path: str, want: set[int]) -> tuple[int, dict[int, tuple[str, dict[str, bytes]]]]:
+def _read_images(
+    path: str, want: set[int], policy: ReadPolicy | None = None
+) -> tuple[int, dict[int, tuple[str, dict[str, bytes]]]]:
     """(samples in the shard, {index: (key, {image field: bytes})} for the indices in `want`)."""
     got, count = {}, 0
-    wanted = lambda i, f: i in want and f.lower() in IMAGE_FIELDS  # noqa: E731
-    for i, key, members in walk_samples(path, read=wanted):
+    wanted = lambda i, f: i in want and f in IMAGE_FIELDS  # noqa: E731
+    for i, key, members in walk_samples(path, read=wanted, policy=policy):
         count = i + 1
         if i in want:
-            got[i] = (key, {f.lower(): data for f, data in members.items()})
+            got[i] = (key, members)
     return count, got
 
 
-# A sample on its way into a batch: (data epoch, shard name, key, {image field: bytes}).
-_Sample = tuple[int, str, str, dict[str, bytes]]
+# A sample on its way into a batch: (data epoch, shard name, key, {image field: bytes}, reason it
+# is dropped or None).
+_Sample = tuple[int, str, str, dict[str, bytes], str | None]
 
 
 def _check_int(name: str, value, lo: int) -> None:
@@ -72,6 +93,10 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
     shard_sizes: samples per shard (as count_samples returns); counted here when None.
     augment: random-resized crop (train_transform) if True, else eval_transform.
     shuffle: permute shards per epoch and samples within each shard if True, else tar order.
+    exact_sizes: shard_sizes are exact (a mismatch raises); False: nominal (module docstring).
+    on_shard_error: "raise" (ShardError) or "skip" (count the shard's samples as unreadable_shard).
+    decode: image decode path, one of DECODE_MODES ("auto": draft, the fastest on the CPU).
+    policy: retries and timeouts for URL shards (default: ReadPolicy.from_env()).
 
     Use with DataLoader(dataset, batch_size=None, num_workers=K) (keep in_order=True). Each item is
     {"images": (n, 3, S, S) uint8, "rows": (n,) int64 cache row ids, "index": batch index j,
@@ -96,17 +121,26 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
         augment: bool = True,
         shuffle: bool = True,
         train_scale: tuple[float, float] = (0.9, 1.0),
+        exact_sizes: bool = True,
+        on_shard_error: str = "raise",
+        decode: str = "auto",
+        policy: ReadPolicy | None = None,
     ) -> None:
         super().__init__()
         self.shards = [str(s) for s in shards]
         if not self.shards:
             raise ValueError("no shards given")
         self.names = [shard_name(s) for s in self.shards]
-        if len(set(self.names)) != len(self.names):
-            dup = sorted({n for n in self.names if self.names.count(n) > 1})
-            raise ValueError(
-                f"shard names must be unique (the cache keys samples by shard name): {dup[:5]} repeat"
-            )
+        check_unique_names(self.shards)
+        if on_shard_error not in ON_SHARD_ERROR:
+            raise ValueError(f"on_shard_error must be one of {ON_SHARD_ERROR}, got {on_shard_error!r}")
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        self.exact_sizes = exact_sizes
+        self.on_shard_error = on_shard_error
+        self.decode = decode
+        self.draft = decode in ("auto", "draft")
+        self.policy = policy or ReadPolicy.from_env()
         self.fields = list(fields)
         if not self.fields or not all(isinstance(f, str) and f for f in self.fields):
             raise ValueError(f"fields must be a non-empty list of field names, got {fields!r}")
@@ -126,7 +160,11 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
         self.shuffle = shuffle
         self._train_tf = _TrainTransform(image_size, train_scale)
         self._eval_tf = _EvalTransform(image_size)
-        sizes = count_samples(self.shards) if shard_sizes is None else [int(n) for n in shard_sizes]
+        sizes = (
+            count_samples(self.shards, policy=self.policy)
+            if shard_sizes is None
+            else [int(n) for n in shard_sizes]
+        )
         if len(sizes) != len(self.shards) or any(n < 0 for n in sizes):
             raise ValueError(
                 f"shard_sizes must hold one non-negative count per shard ({len(self.shards)} shards), "
@@ -203,8 +241,17 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
                     continue
                 order = self.sample_order(epoch, s)
                 want = {order[p - lo] for _, a, z in spans for p in range(a, z)}
-                count, got = _read_images(self.shards[s], want)
-                if count != size:
+                lost = "short_shard"
+                try:
+                    count, got = _read_images(self.shards[s], want, self.policy)
+                except ShardError as e:
+                    if self.on_shard_error == "raise":
+                        raise
+                    log.warning(
+                        "skipping shard %s (its samples count as unreadable_shard): %s", self.shards[s], e
+                    )
+                    count, got, lost = size, {}, "unreadable_shard"
+                if count != size and self.exact_sizes:
                     raise ShardError(
                         f"shard {self.shards[s]} has {count} samples, shard_sizes says {size} "
                         "(the shard changed since it was counted; recount with count_samples)"
@@ -214,21 +261,29 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
                     if a == j * b:
                         pending, batch_epoch = [], epoch
                     for p in range(a, z):
-                        key, images = got.pop(order[p - lo])
-                        pending.append((epoch, name, key, images))
+                        t = order[p - lo]
+                        if t in got:
+                            key, images = got.pop(t)
+                            pending.append((epoch, name, key, images, None))
+                        else:  # an unreadable shard, or a position past a nominal size's end
+                            pending.append((epoch, name, f"#{t}", {}, lost))
                     if z == (j + 1) * b:
                         yield self._make_batch(j, batch_epoch, pending)
                         pending = []
             epoch += 1
 
     def _make_batch(self, index: int, epoch: int, samples: list[_Sample]) -> dict:
+        skipped = SkipCounts.of(SKIP_REASONS)
+        for _, name, _, _, reason in samples:
+            if reason is not None:
+                skipped.add(reason, name)
+        samples = [x for x in samples if x[4] is None]
         names = [s[1] for s in samples]
         keys = [s[2] for s in samples]
         # (n, F) row ids, -1 where a field has no row; one vectorised lookup per field.
         rows = np.stack([self.cache.lookup(names, keys, f) for f in self.fields], axis=1) if samples else None
-        skipped = SkipCounts.of(SKIP_REASONS)
         images, out_rows, out_shards, out_keys, out_fields = [], [], [], [], []
-        for i, (ep, name, key, members) in enumerate(samples):
+        for i, (ep, name, key, members, _) in enumerate(samples):
             data = next((members[f] for f in IMAGE_FIELDS if f in members), None)
             if data is None:
                 skipped.add("missing_image", name)
@@ -240,12 +295,15 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
             rng = random.Random(f"{self.seed}/{ep}/{name}/{key}")
             f = int(have[int(rng.random() * have.size)])
             try:
-                img = decode_image(data)
+                if self.augment:
+                    image = self._train_tf.from_bytes(data, rng, draft=self.draft)
+                else:
+                    image = self._eval_tf.from_bytes(data, draft=self.draft)
             except ValueError as e:
                 log.debug("skipping sample %r of shard %s: %s", key, name, e)
                 skipped.add("corrupt_image", name)
                 continue
-            images.append(self._train_tf(img, rng) if self.augment else self._eval_tf(img))
+            images.append(image)
             out_rows.append(int(rows[i, f]))
             out_shards.append(name)
             out_keys.append(key)
