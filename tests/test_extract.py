@@ -201,7 +201,7 @@ def test_two_ranks_equal_one(env, reference):
                 "LOCAL_WORLD_SIZE": "2",
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": port,
-                "OMP_NUM_THREADS": "1",
+                "OMP_NUM_THREADS": str(torch.get_num_threads()),  # the reference's arithmetic
             },
         )  # fmt: skip
         for r in range(2)
