@@ -128,12 +128,21 @@ def test_member_names_split_as_webdataset_splits_them():
         assert split_name(name) == base_plus_ext(name), name
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_faults_end_in_a_shard_error_naming_the_url(data, server, tmp_path):
     name = Path(data.many).name
     cases = {
         f"{server.url}/cut/{name}": "status 18",
         f"{server.url}/ok/missing.tar": "status 22",
-        "http://127.0.0.1:9/x.tar": "status 7",
+        f"http://127.0.0.1:{_closed_port()}/x.tar": "status 7",
         f"{server.url}/slow/{name}": "no data for 0.5 s",
         f"pipe:cat {tmp_path}/nope.tar": "command exited with status 1",
     }
