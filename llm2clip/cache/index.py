@@ -25,6 +25,8 @@ share one stored row, even if the raw texts differ in case or spacing.
 from __future__ import annotations
 
 import hashlib
+import re
+import shlex
 import unicodedata
 from collections.abc import Iterable, Sequence
 
@@ -39,13 +41,34 @@ TEXT_NORMALIZATION = "unicode NFKC, strip, collapse whitespace, lowercase"
 SEP = "\x1f"
 
 
-def shard_name(url: str) -> str:
-    """The shard name used in key hashes: the last path component of a shard URL or path.
+_TAR_NAME = re.compile(r"\.(tar|tgz|tar\.gz|tar\.bz2|tar\.xz|tar\.zst)$", re.IGNORECASE)
 
-    "/data/cc3m/00042.tar" and "s3://bucket/cc3m/00042.tar" both give "00042.tar", so moving a
-    dataset does not invalidate its cache. Extraction and loading must both use this function.
+
+def shard_name(url: str) -> str:
+    """The shard's name in cache keys: the file name of its path or URL.
+
+    "/data/cc3m/00042.tar", "file:///data/cc3m/00042.tar", "https://host/cc3m/00042.tar?sig=..." and
+    "pipe:aws s3 cp s3://bucket/cc3m/00042.tar -" all give "00042.tar". For ``pipe:`` the name is
+    that of the command's last argument with a tar suffix (ValueError when there is none). Moving a
+    dataset (local disk -> a URL) therefore keeps its cache valid; extraction and loading both use
+    this function (docs/data.md, "Shard names").
     """
-    return url.rstrip("/").rsplit("/", 1)[-1]
+    u = str(url)
+    if u.startswith("pipe:"):
+        try:
+            words = shlex.split(u[5:])
+        except ValueError:
+            words = u[5:].split()
+        named = [w for w in words if _TAR_NAME.search(w.split("?", 1)[0])]
+        if not named:
+            raise ValueError(
+                f"cannot tell the shard name of {url!r}: no argument of the command ends in .tar "
+                "(the cache keys samples by the shard's file name)"
+            )
+        u = named[-1]
+    if "://" in u:
+        u = u.split("#", 1)[0].split("?", 1)[0]
+    return u.rstrip("/").rsplit("/", 1)[-1]
 
 
 def check_name(kind: str, value: str) -> None:

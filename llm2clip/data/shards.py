@@ -36,7 +36,6 @@ import importlib
 import io
 import os
 import re
-import shlex
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import tar_file_iterator
 
+from llm2clip.cache.index import shard_name
 from llm2clip.data.remote import ReadPolicy, ShardError, is_local, local_path, open_stream
 
 _wds_gopen = importlib.import_module("webdataset.gopen")
@@ -64,37 +64,10 @@ __all__ = [
 
 LIST_SUFFIXES = (".txt", ".urls", ".list")
 """A local file with one of these suffixes is a list of shard specs, one per line."""
-_TAR_NAME = re.compile(r"\.(tar|tgz|tar\.gz|tar\.bz2|tar\.xz|tar\.zst)$", re.IGNORECASE)
 
 
 # ------------------------------------------------------------------------------------------------
 # Names
-
-
-def shard_name(url: str) -> str:
-    """The shard's name in cache keys: the file name of its path or URL.
-
-    "/data/cc3m/00042.tar", "file:///data/cc3m/00042.tar", "https://host/cc3m/00042.tar?sig=..." and
-    "pipe:aws s3 cp s3://bucket/cc3m/00042.tar -" all give "00042.tar". For ``pipe:`` the name is
-    that of the command's last argument with a tar suffix (ValueError when there is none). Plain
-    paths give what ``llm2clip.cache.index.shard_name`` gives.
-    """
-    u = str(url)
-    if u.startswith("pipe:"):
-        try:
-            words = shlex.split(u[5:])
-        except ValueError:
-            words = u[5:].split()
-        named = [w for w in words if _TAR_NAME.search(w.split("?", 1)[0])]
-        if not named:
-            raise ValueError(
-                f"cannot tell the shard name of {url!r}: no argument of the command ends in .tar "
-                "(the cache keys samples by the shard's file name)"
-            )
-        u = named[-1]
-    if "://" in u:
-        u = u.split("#", 1)[0].split("?", 1)[0]
-    return u.rstrip("/").rsplit("/", 1)[-1]
 
 
 def check_unique_names(urls: Sequence[str]) -> None:
