@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from llm2clip.apps.train import main, parse_config
-from llm2clip.cache import StaleCacheError
+from llm2clip.cache import EmbeddingCache, StaleCacheError
 from llm2clip.distributed import DistInfo
 from llm2clip.models.clip_model import ClipModel
 from llm2clip.training.checkpoint import CheckpointManager
@@ -280,6 +280,29 @@ def test_float_options_are_finite_and_in_range(data, tmp_path, capsys, flag, val
     assert re.search(message, text), text
     if isinstance(e.value, SystemExit):
         assert e.value.code == 2
+
+
+@pytest.mark.parametrize("where", ["rows", "index row id"])
+def test_a_flipped_cache_byte_stops_training_before_it_is_used(data, tmp_path, where):
+    """One flipped byte in rows.bin is caught when a data worker first reads its block; a corrupted
+    index row id at open (lazy verification, the default)."""
+    import shutil
+
+    from llm2clip.cache import CorruptCacheError
+
+    cache = tmp_path / "cache"
+    shutil.copytree(data["cache"], cache)
+    if where == "rows":
+        path, offset = cache / "rows.bin", 4096 + 100  # inside the first row, past the header
+    else:
+        entries = EmbeddingCache.open(cache).num_entries
+        path, offset = cache / "index.bin", 4096 + 8 * entries  # the first row id
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCacheError, match=r"(rows|index)\.bin.*block"):
+        main(args({**data, "cache": str(cache)}, tmp_path / "run", "--fused-loss", "--steps", "8"))
+    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_mismatched_cache_is_refused_before_the_first_step(data, tmp_path):

@@ -237,7 +237,8 @@ def _attach_step_parts(run: Stage2) -> None:
         prepare_images=prepare, fsdp=cfg.parallel.fsdp,
     )  # fmt: skip
     text_dtype = torch.bfloat16 if isinstance(autocast, torch.autocast) else torch.float32
-    run.rows = DeviceRows(run.cache, dev, cfg.data.cache_tier, text_dtype)
+    # check=False: the data workers verified the rows' cache blocks (ShardImageDataset)
+    run.rows = DeviceRows(run.cache, dev, cfg.data.cache_tier, text_dtype, check=False)
     if dev.type == "cuda":
         fwd = forward_flops(run.clip_model, image_size, run.cache.dim, dev)
         run.flops = StepFlops(fwd, run.clip_model.config.embed_dim) if fwd else None

@@ -309,6 +309,9 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
             out_keys.append(key)
             out_fields.append(self.fields[f])
         s = self.image_size
+        # The rows' cache blocks are verified here, in the worker, the first time they are used
+        # (cache integrity at no cost to the main process; docs/cache.md, "Integrity").
+        self.cache.check_rows(out_rows)
         return {
             "images": torch.stack(images) if images else torch.empty((0, 3, s, s), dtype=torch.uint8),
             "rows": torch.tensor(out_rows, dtype=torch.int64),
