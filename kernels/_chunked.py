@@ -41,20 +41,21 @@ class Stats(NamedTuple):
 
 
 def combine_stats(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Merge two (3, N) [max, sum, sum_neg] partial statistics; -inf maxima are handled exactly."""
+    """Merge two (1 + k, N) [max, sums...] partial statistics (here [max, sum, sum_neg], or
+    [max, sum] in the Triton forward); -inf maxima are handled exactly."""
     m = torch.maximum(a[0], b[0])
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     wa = torch.exp(a[0] - m_safe)
     wb = torch.exp(b[0] - m_safe)
-    return torch.stack([m, a[1] * wa + b[1] * wb, a[2] * wa + b[2] * wb])
+    return torch.cat([m[None], a[1:] * wa + b[1:] * wb])
 
 
 def reduce_stats(partials: torch.Tensor) -> torch.Tensor:
-    """Merge (3, K, N) partial statistics over K in a fixed order (deterministic)."""
+    """Merge (1 + k, K, N) [max, sums...] partial statistics over K in a fixed order (deterministic)."""
     m = partials[0].amax(dim=0)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     w = torch.exp(partials[0] - m_safe)
-    return torch.stack([m, (partials[1] * w).sum(0), (partials[2] * w).sum(0)])
+    return torch.cat([m[None], (partials[1:] * w).sum(1)])
 
 
 def stats_to_lse(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,23 +135,20 @@ def forward_stats(image, text, scale, bias, pos, row_groups, col_groups, sigmoid
 def block_grad_logits(x, is_pos, valid, row_vecs, col_vecs, sigmoid: bool):
     """dLoss/dS for one block, from the saved per-row / per-column vectors.
 
-    row_vecs (4, r): [lse, q = 1 - P_ii (from the negatives' sum), row coefficient, t2i coefficient]
-    col_vecs (4, c): [lse, q, column coefficient, 1.0 where the column has exactly one positive]
-    InfoNCE, off the positive: row_coef * P_row + col_coef * P_col.
-    On the positive: -row_coef * q_row + (-col_coef * q_col if the column's positive is unique
-    else col_coef * P_col - t2i_coef).
+    row_vecs (4, r): [lse, on = dLoss/dS at the row's positive, row coefficient, -]
+    col_vecs (4, c): [lse, -, column coefficient, -]
+    InfoNCE, off the positive: row_coef * P_row + col_coef * P_col; on it, `on`, which
+    ``contrastive_loss.infonce_from_stats`` forms from 1 - P_ii = exp(lse_neg - lse) (exact when
+    P -> 1) and, for a text that several images pair with, P_col of the positive logit.
     Sigmoid: row_coef * (-z) * sigmoid(-z x).
     """
     if sigmoid:
         z = torch.where(is_pos, 1.0, -1.0).to(x.dtype)
         ds = row_vecs[2][:, None] * (-z) * torch.sigmoid(-z * x)
         return torch.where(valid, ds, 0.0)
-    lse_r, q_r, coef_r, t2i_r = (v[:, None] for v in row_vecs)
-    lse_c, q_c, coef_c, uniq_c = (v[None, :] for v in col_vecs)
-    p_row = torch.exp(x - lse_r)
-    p_col = torch.exp(x - lse_c)
-    off = coef_r * p_row + coef_c * p_col
-    on = -coef_r * q_r + torch.where(uniq_c > 0, -coef_c * q_c, coef_c * p_col - t2i_r)
+    lse_r, on, coef_r = (v[:, None] for v in row_vecs[:3])
+    lse_c, coef_c = col_vecs[0][None, :], col_vecs[2][None, :]
+    off = coef_r * torch.exp(x - lse_r) + coef_c * torch.exp(x - lse_c)
     return torch.where(valid, torch.where(is_pos, on, off), 0.0)
 
 

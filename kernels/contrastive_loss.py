@@ -105,7 +105,10 @@ def infonce_from_stats(rows: Tensor, cols: Tensor, pos: Tensor, weight: float, c
     statistics [max, sum, sum over negatives]; weight: the weight of each image's two terms
     (1/(2b) for the single-device mean). count (B,) / col_coef (B,): how many images pair with
     each text and the sum of their weights; computed from pos unless given (the distributed loss
-    sums them over ranks). Returns (loss, row_vecs (4, b), col_vecs (4, B)).
+    sums them over ranks). Returns (loss, row_vecs (4, b), col_vecs (4, B)): the backward reads
+    row_vecs [lse, dLoss/dS at the positive, row coefficient, -] and col_vecs [lse, -, column
+    coefficient, -] (the '-' rows hold the t2i coefficient, q = 1 - P and the unique-positive flag
+    that went into the positive's value; see ``_chunked.block_grad_logits``).
     """
     lse_r, lse_neg_r, x_pos = rows
     lse_c, lse_neg_c = _chunked.stats_to_lse(cols)
@@ -118,8 +121,15 @@ def infonce_from_stats(rows: Tensor, cols: Tensor, pos: Tensor, weight: float, c
     row_loss = F.softplus(lse_neg_r - x_pos)
     col_loss = torch.where(unique[pos] > 0, F.softplus(lse_neg_c[pos] - x_pos), lse_c[pos] - x_pos)
     loss = (row_weight * (row_loss + col_loss)).sum()
-    row_vecs = torch.stack([lse_r, _safe_q(lse_r, lse_neg_r), row_weight, row_weight])
-    col_vecs = torch.stack([lse_c, _safe_q(lse_c, lse_neg_c), col_coef, unique])
+    # dLoss/dS at each row's positive, with 1 - P from the negatives' sums (exact when P -> 1). A
+    # column with several positives needs P_col of each; it uses the positive logit x_pos that
+    # went into lse_c, so the column's probabilities sum to one whatever the kernel's rounding.
+    q_r, q_c = _safe_q(lse_r, lse_neg_r), _safe_q(lse_c, lse_neg_c)
+    col_on = torch.where(
+        unique[pos] > 0, -col_coef[pos] * q_c[pos], col_coef[pos] * torch.exp(x_pos - lse_c[pos]) - row_weight
+    )
+    row_vecs = torch.stack([lse_r, -row_weight * q_r + col_on, row_weight, row_weight])
+    col_vecs = torch.stack([lse_c, q_c, col_coef, unique])
     return loss, row_vecs, col_vecs
 
 
