@@ -21,7 +21,9 @@ GPU mode (default when CUDA is available): bf16 inputs and a scale that require 
 backward (retain_graph, the forward outside the timing) and forward+backward timed with
 triton.testing.do_bench(quantiles=[0.5, 0.2, 0.8]); peak extra memory = max_memory_allocated
 during one forward+backward minus the memory allocated before it (inputs); out-of-memory per
-method and size is recorded as OOM and the run goes on.
+method and size is recorded as OOM and the run goes on. Beside every time, the roofline model of
+the fused kernels at that shape on the detected card (bench/roofline.py: "roof ms") and the
+fraction of it reached ("% roof" = model / measured).
 
 CPU mode (default without CUDA, or --device cpu): fp32, backend torch (the chunked path). Each
 method and size runs in a fresh Python process: time.perf_counter medians of forward, backward and
@@ -29,7 +31,8 @@ both over up to --repeats runs, and the peak memory of the first forward+backwar
 held once the inputs exist. That process reports ru_maxrss too, but uses VmHWM (reset after the
 inputs are made) for the number, because Linux carries the parent's peak RSS into ru_maxrss of a
 child (see _cpu_child). CPU timings are only as good as the machine is idle: the load average is
-recorded in the JSON.
+recorded in the JSON. The run ends with the roofline model's predictions for the README's headline
+shapes (b = B = 32k and 256k, D = 1024) on H100 and H200, marked "predicted".
 
     python bench/loss_throughput.py                 # full sweep on the GPU
     python bench/loss_throughput.py --quick         # a few minutes on the GPU
@@ -68,7 +71,7 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as bench/loss_throughput.py
     sys.path.append(str(Path(__file__).resolve().parent.parent))
-from bench import common  # noqa: E402
+from bench import common, roofline  # noqa: E402
 from bench.common import DTYPES, import_kernels  # noqa: E402,F401 - also used by loss_distributed
 
 ALL_METHODS = ("ours", "ours-sigmoid", "naive", "naive-sigmoid", "openclip-local", "infcl")
@@ -367,16 +370,31 @@ def _cases(args):
                 yield D, b, b, m, {}
 
 
-def _derive(row: dict, rate_tflops: float | None) -> None:
+def _derive(row: dict, rate_tflops: float | None, model: roofline.Device | None = None) -> None:
     b, B, D = row["b"], row["B"], row["D"]
     if b is None:  # a skipped simulated case (B not a multiple of W)
         return
+    # The roofline model of the fused kernels at this shape on this card (bench/roofline.py),
+    # beside every measured time: roofline_*_ms and the fraction of it reached, model / measured.
+    pred = None
+    if model is not None:
+        tf32 = row["dtype"] == "fp32" and _allow_tf32()
+        pred = roofline.predict(b, B, D, model, row["dtype"], row["method"].endswith("sigmoid"), tf32)
     for part, flops in (("fwd", 2 * b * B * D), ("bwd", 6 * b * B * D), ("fwd_bwd", 8 * b * B * D)):
         ms = row.get(f"{part}_ms")
         if ms:
             row[f"{part}_tflops"] = flops / (ms * 1e-3) / 1e12
             if rate_tflops:
                 row[f"{part}_x_floor"] = ms / (flops / (rate_tflops * 1e12) * 1e3)
+            if pred is not None:
+                row[f"roofline_{part}_ms"] = pred[f"{part}_ms"]
+                row[f"{part}_of_roofline"] = pred[f"{part}_ms"] / ms
+
+
+def _allow_tf32() -> bool:
+    import torch
+
+    return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def run_sweep(args, meta, emit, cases=None) -> list[dict]:
@@ -384,6 +402,7 @@ def run_sweep(args, meta, emit, cases=None) -> list[dict]:
     errors included. An `extra` dict of a case goes into its row; its "skip" key skips the case."""
     device = args.device
     rate = meta["matmul_rate"]["tflops"] if meta.get("matmul_rate") else None
+    model = roofline.match_device(meta.get("device_name")) if device == "cuda" else None
     rows: list[dict] = []
     unavailable: dict[str, tuple[str, str]] = {}  # method -> (status, note)
     oom_bB: dict[str, tuple[int, int]] = {}  # method -> (b, B) of the smallest case out of memory
@@ -395,7 +414,7 @@ def run_sweep(args, meta, emit, cases=None) -> list[dict]:
         row["status"] = status
         if note:
             row["note"] = note
-        _derive(row, rate)
+        _derive(row, rate, model)
         rows.append(row)
         emit(rows)
 
@@ -483,7 +502,8 @@ def _gpu_case(method, b, B, D, args, inputs) -> dict:
 def format_table(rows) -> str:
     head = (
         f"{'method':15s} {'b':>7s} {'B':>7s} {'D':>5s} {'dtype':5s} {'fwd ms':>9s} {'bwd ms':>9s} "
-        f"{'f+b ms':>9s} {'TFLOP/s':>8s} {'x floor':>8s} {'peak MiB':>10s}  note"
+        f"{'f+b ms':>9s} {'TFLOP/s':>8s} {'x floor':>8s} {'roof ms':>8s} {'% roof':>6s} "
+        f"{'peak MiB':>10s}  note"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -499,9 +519,15 @@ def format_table(rows) -> str:
             f"{r['method']:15s} {r['b']:7d} {r['B']:7d} {r['D']:5d} {r['dtype']:5s} "
             f"{common.fmt(r.get('fwd_ms'), '9.2f')} {common.fmt(r.get('bwd_ms'), '9.2f')} "
             f"{common.fmt(r.get('fwd_bwd_ms'), '9.2f')} {common.fmt(r.get('fwd_bwd_tflops'), '8.3g')} "
-            f"{common.fmt(r.get('fwd_bwd_x_floor'), '8.2f')} {mem_s:>10s}  {note}"
+            f"{common.fmt(r.get('fwd_bwd_x_floor'), '8.2f')} "
+            f"{common.fmt(r.get('roofline_fwd_bwd_ms'), '8.2f')} "
+            f"{common.fmt(_percent(r.get('fwd_bwd_of_roofline')), '6.0f')} {mem_s:>10s}  {note}"
         )
     return "\n".join(lines)
+
+
+def _percent(fraction):
+    return None if fraction is None else 100 * fraction
 
 
 def memory_ratios(rows) -> list[dict]:
@@ -794,6 +820,13 @@ def main(argv=None) -> int:
     meta["config"] = common.config_of(args)
     meta["argv"] = sys.argv if argv is None else list(argv)
     meta["flop_count"] = "8*b*B*D forward+backward (2bBD fwd, 6bBD bwd) for every method"
+    model = roofline.match_device(meta["device_name"]) if args.device == "cuda" else None
+    meta["roofline"] = (
+        {"device": model.name, "source": model.source,
+         "what": "roofline_*_ms: the fused kernels' model time at "
+         "this shape (bench/roofline.py); *_of_roofline = model / measured"}
+        if model else None
+    )  # fmt: skip
     mode = None
     if sim:
         mode = "simW" + "-".join(map(str, args.simulate_world))
@@ -868,6 +901,20 @@ def main(argv=None) -> int:
                 f"  b=B={r['b']:<7d} D={r['D']:<5d} {r['ours_mib']:10.1f} / {r['naive_mib']:10.1f} MiB "
                 f"= {r['ratio']:.2%}{tag}"
             )
+    if args.device == "cpu":
+        # No GPU here: what the model predicts for the README's headline shapes (bf16, InfoNCE).
+        devices = [roofline.H100_SXM, roofline.H200]
+        meta["predictions"] = [
+            {"b": b, "B": B, "D": D, **roofline.predict(b, B, D, dev)}
+            for b, B, D in roofline.HEADLINE
+            for dev in devices
+        ]
+        emit(rows)
+        print(
+            "\nroofline model of the fused kernels, bf16 InfoNCE "
+            "(bench/roofline.py; predicted, not measured):"
+        )
+        print(roofline.format_predictions(roofline.HEADLINE, devices))
     print(f"\nresults: {json_path}")
     plotter = ld.plot_sim if sim else plot
     if not args.no_plot and rows and plotter(rows, meta, png_path):
