@@ -389,6 +389,8 @@ def _derive(row: dict, rate_tflops: float | None, model: roofline.Device | None 
             if pred is not None:
                 row[f"roofline_{part}_ms"] = pred[f"{part}_ms"]
                 row[f"{part}_of_roofline"] = pred[f"{part}_ms"] / ms
+    if pred is not None:  # the sweeps' exps added to their tensor time (bench/roofline.py)
+        row["roofline_with_exp_fwd_bwd_ms"] = pred["fwd_bwd_with_exp_ms"]
 
 
 def _allow_tf32() -> bool:
