@@ -1,62 +1,39 @@
-"""Compile every Triton kernel of llm2clip_kernels for Hopper (sm_90) ahead of time, no GPU needed.
+"""Compile every Triton kernel of llm2clip_kernels for Hopper (sm_90a) ahead of time, no GPU needed.
 
-Run by tests/test_triton_compile.py in a subprocess without TRITON_INTERPRET. Each autotune config
-is compiled once on the bf16 path; the flag variants and the other dtypes use the first config
-(each compile takes seconds, and CI has two cores).
+Run by tests/test_triton_compile.py in a subprocess without TRITON_INTERPRET. It covers the
+variants that tests/test_kernel_resources.py does not (every dtype and flag combination outside
+the bf16/fp16 main paths: fp32 inputs, InfoNCE with a bias, the sigmoid loss without one), one
+autotune config per kernel, through bench/kernel_resources.py: the launches are recorded from the
+real host launchers and specialised as Triton's JIT specialises them. Fails if a kernel does not
+compile, or if a 16-bit kernel's tile product does not use wgmma.
 """
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
+import sys
+import tempfile
+from pathlib import Path
 
-from llm2clip_kernels import _triton as K
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-TARGET = GPUTarget("cuda", 90, 32)
-
-
-def build(fn, types, consts, cfg):
-    consts = dict(consts, **cfg.kwargs)
-    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    return triton.compile(src, target=TARGET, options=options).asm["ptx"]
+from bench import kernel_resources  # noqa: E402
 
 
 def main():
-    count = 0
-    dtypes = [
-        ("bf16", "bf16", False, "tf32"),
-        ("fp16", "fp32", False, "tf32"),
-        ("fp32", "fp32", True, "ieee"),
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "resources.json"
+        argv = ["--paths", "other", "--first-config", "--no-cuda-ext", "--json", str(out), "--out", d]
+        rc = kernel_resources.main(argv)
+        rows = json.loads(out.read_text())["rows"]
+    errors = [(r["kernel"], r["used_by"], r.get("error")) for r in rows if r["status"] == "error"]
+    assert rc == 0 and not errors, errors
+    no_tensor_cores = [
+        (r["kernel"], r["used_by"])
+        for r in rows
+        if r["kernel"] != "positive" and "fp32" not in r["dtypes"] and r["mma"] != "wgmma"
     ]
-    for dt, ws, dot_fp32, prec in dtypes:
-        main_path = dt == "bf16"
-        types = dict(I="*" + dt, T="*" + dt, WS="*" + ws, pos_ptr="*i64", partials="*fp64")
-        types.update(row_grp_ptr="*i64", col_grp_ptr="*i64")
-        for name in ("scale_ptr", "bias_ptr", "row_out", "col_out", "grad_ptr", "row_vecs", "col_vecs"):
-            types[name] = "*fp32"
-        for sigmoid in (False, True) if main_path else (False,):
-            flags = dict(HAS_BIAS=True, HAS_GROUPS=True, SIGMOID=sigmoid, DOT_FP32=dot_fp32, PRECISION=prec)
-            every = main_path and not sigmoid
-            for cfg in K._FWD_CONFIGS if every else K._FWD_CONFIGS[:1]:
-                ptx = build(K._forward_kernel, types, dict(flags, BM=K.FWD_BM), cfg)
-                assert not main_path or "wgmma" in ptx, "bf16 forward does not use wgmma"
-                count += 1
-            for cfg in K._GRAD_CONFIGS if every else K._GRAD_CONFIGS[:1]:
-                build(K._grad_logits_kernel, types, flags, cfg)
-                count += 1
-        gemm = dict(A="*" + ws, Bm="*" + dt, OUT="*" + dt, ACC="*fp32")
-        variants = (
-            [(True, True), (False, True), (True, False), (False, False)] if main_path else [(True, True)]
-        )
-        for load_acc, store_out in variants:
-            every = main_path and load_acc and store_out
-            for cfg in K._GEMM_CONFIGS if every else K._GEMM_CONFIGS[:1]:
-                flags = dict(LOAD_ACC=load_acc, STORE_OUT=store_out, DOT_FP32=dot_fp32 or ws != dt)
-                ptx = build(K._gemm_kernel, gemm, dict(flags, PRECISION=prec), cfg)
-                assert not main_path or "wgmma" in ptx, "bf16 GEMM does not use wgmma"
-                count += 1
-    print("compiled", count, "kernels for sm_90")
+    assert not no_tensor_cores, f"16-bit kernels without wgmma: {no_tensor_cores}"
+    print("compiled", len(rows), "kernels for sm_90a")
 
 
 if __name__ == "__main__":

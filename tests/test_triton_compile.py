@@ -1,9 +1,11 @@
-"""The Triton kernels compile for Hopper (sm_90) with every autotune config, no GPU needed.
+"""The Triton kernels compile for Hopper (sm_90a) in every variant, no GPU needed.
 
 The interpreter (what CI runs) does not type-check the way the compiler does, so a kernel can
 pass every CPU test and still fail to compile on the GPU. Triton compiles ahead of time for a
 given target with its bundled ptxas; tests/sm90_compile_check.py does that in a subprocess
-without TRITON_INTERPRET (the kernels are plain JIT functions only when it is unset at import).
+without TRITON_INTERPRET (the kernels are plain JIT functions only when it is unset at import)
+for the variants outside the main paths, one config each; tests/test_kernel_resources.py compiles
+the main paths with every config and checks their registers.
 """
 
 from __future__ import annotations

@@ -1,0 +1,586 @@
+"""Registers, spills, shared memory and occupancy of every loss kernel on Hopper (sm_90a), no GPU.
+
+Triton kernels: the host launchers of ``llm2clip_kernels._triton`` run on CPU tensors of real
+shapes with ``_launch`` recording instead of launching, for every variant (bf16 / fp16 / fp32;
+InfoNCE / sigmoid; with and without a bias; with and without group ids) at b = B = 4096 (one
+backward superblock: no accumulator) and b = B = 24576 (3 x 3 superblocks: fp32 accumulators
+loaded and stored). Each recorded launch is specialised the way Triton's JIT specialises it at a
+real launch (an integer argument equal to 1 becomes a constant; pointers and integers divisible by
+16 carry the divisibility hint that lets loads vectorise and the K loop pipeline) and compiled for
+sm_90a with every autotune config of its kernel. Triton's bundled ptxas (``-v``, the options Triton
+itself uses) reports registers, spill stores / loads and the stack frame; the compiled kernel gives
+its dynamic shared memory and whether its PTX has wgmma. Compiling is seconds per config and runs
+in ``--jobs`` processes, each with an empty Triton cache.
+
+CUDA extension: csrc/gather_kernels.cu compiled with ``nvcc -Xptxas -v`` for sm_90 (the arch the
+extension is built for), block sizes from each kernel's launch bounds (cuobjdump).
+
+Occupancy: resident warps per SM from the H100 / H200 SM limits (compute capability 9.0, CUDA C++
+Programming Guide, "Technical Specifications per Compute Capability"): 65536 32-bit registers
+allocated per warp in units of 256, 228 KiB shared memory per SM (at most 227 KiB per block, and
+1 KiB reserved per block), at most 64 warps and 32 blocks per SM.
+
+Main paths (what CI holds spill-free, tests/test_kernel_resources.py): bf16 and fp16 inputs,
+InfoNCE without a bias and the sigmoid loss with one, each with and without group ids, every
+kernel they launch (forward, positive logits, dS tiles, the backward GEMMs with and without an
+accumulator), every autotune config.
+
+    python bench/kernel_resources.py                      # everything (~300 compiles), table + JSON
+    python bench/kernel_resources.py --paths main --dtypes bf16,fp16 --no-cuda-ext --fail-on-spill
+    python bench/kernel_resources.py --first-config       # every variant compiles (one config each)
+
+Writes kernel_resources-<time>.json and .md into --out (default bench/results/); prints the table.
+Exit status 1 when a main-path config spills or does not fit (with --fail-on-spill), or when a
+kernel does not compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import importlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as bench/kernel_resources.py
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+from bench import common  # noqa: E402
+
+# H100 / H200 (sm_90) per-SM limits; see the module docstring for the source.
+REGS_PER_SM = 65536
+REG_ALLOC_UNIT = 256  # registers per warp are allocated in multiples of this
+SMEM_PER_SM = 228 * 1024
+SMEM_PER_BLOCK = 227 * 1024
+SMEM_RESERVED_PER_BLOCK = 1024
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+
+DTYPES = ("bf16", "fp16", "fp32")
+BATCHES = (4096, 24576)  # one backward superblock; 3 x 3 (every accumulator case)
+DIM = 1024
+TARGET_SMS = 132  # H100 SXM: sets the forward's column splits as on the card
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way the losses are called."""
+
+    dtype: str  # bf16 | fp16 | fp32
+    loss: str  # infonce | sigmoid
+    bias: bool
+    groups: bool
+
+    @property
+    def main(self) -> bool:
+        """The paths CI keeps spill-free: 16-bit inputs, InfoNCE without / sigmoid with a bias."""
+        return self.dtype in ("bf16", "fp16") and self.bias == (self.loss == "sigmoid")
+
+    @property
+    def label(self) -> str:
+        flags = ("+bias" if self.bias else "") + ("+groups" if self.groups else "")
+        return f"{self.dtype} {self.loss}{flags}"
+
+
+def variants(dtypes, paths: str = "all") -> list[Variant]:
+    """Every variant of the given dtypes; paths 'main' keeps the main paths, 'other' the rest."""
+    out = [
+        Variant(dt, loss, bias, groups)
+        for dt in dtypes
+        for loss in ("infonce", "sigmoid")
+        for bias in (False, True)
+        for groups in (False, True)
+    ]
+    return [v for v in out if paths == "all" or v.main == (paths == "main")]
+
+
+# ----------------------------------------------------------------------------- recording launches
+
+
+def record_launches(kernels_mod, variant: Variant, batches, dim: int) -> list[tuple[str, tuple, dict]]:
+    """(kernel name, args, flags) of every launch one forward + backward makes, nothing run."""
+    import torch
+
+    calls = []
+    K = kernels_mod
+    saved = K._launch, K._target_programs
+    K._launch = lambda name, grid, *args, **flags: calls.append((name, args, flags))
+    K._target_programs = lambda device: 2 * TARGET_SMS
+    dtype = getattr(torch, common.DTYPES[variant.dtype])
+    sigmoid = variant.loss == "sigmoid"
+    try:
+        for n in batches:
+            image = torch.zeros(n, dim, dtype=dtype)
+            text = torch.zeros(n, dim, dtype=dtype)
+            scale = torch.tensor(10.0)
+            bias = torch.tensor(-10.0) if variant.bias else None
+            pos = torch.arange(n)
+            groups = torch.arange(n) if variant.groups else None
+            row_groups = None if groups is None else groups[pos]
+            K.forward_stats(image, text, scale, bias, pos, row_groups, groups, sigmoid)
+            vecs = torch.zeros(4, n), torch.zeros(4, n)
+            K.backward_grads(
+                torch.tensor(1.0), image, text, scale, bias, pos, row_groups, groups, *vecs, sigmoid
+            )
+    finally:
+        K._launch, K._target_programs = saved
+    return calls
+
+
+def _specialize_arg(value, backend):
+    """(type, attribute) of one argument as Triton's JIT specialises it at a launch."""
+    try:
+        from triton.runtime.jit import native_specialize_impl
+    except ImportError:  # older Triton: the same rule, written out
+        native_specialize_impl = None
+    if native_specialize_impl is not None:
+        ty, attr = native_specialize_impl(backend, value, False, True, True)[:2]
+        return ty, attr
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+        names.update({torch.int64: "i64", torch.int32: "i32"})
+        return "*" + names[value.dtype], "D" if value.data_ptr() % 16 == 0 else ""
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        return ("i32" if -(2**31) <= value < 2**31 else "i64"), "D" if value % 16 == 0 else ""
+    return "fp32", None
+
+
+def specialization(fn, args, flags, config) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for triton.compile of fn launched with args, flags, config."""
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    bound = dict(zip(fn.arg_names, args))
+    bound.update(flags)
+    bound.update(config.kwargs)
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = bound[name]
+        if fn.params[i].is_constexpr:
+            sig[name], consts[name] = "constexpr", value
+            continue
+        ty, attr = _specialize_arg(value, CUDABackend)
+        sig[name] = ty
+        if ty == "constexpr":
+            consts[name] = attr
+        elif attr:
+            attrs[(i,)] = CUDABackend.parse_attr(attr)
+    return sig, consts, attrs
+
+
+@dataclasses.dataclass
+class Task:
+    """One kernel x specialisation x autotune config to compile."""
+
+    kernel: str
+    config_index: int
+    config: str
+    num_warps: int
+    num_stages: int
+    sig: dict
+    consts: dict
+    attrs: dict
+    flags: dict  # the launch's constexpr flags (for the table)
+    strides: str  # which operands are contiguous along which side (GEMMs differ by it)
+    used_by: list = dataclasses.field(default_factory=list)
+
+
+def _config_label(cfg) -> str:
+    tiles = "x".join(str(cfg.kwargs[k]) for k in ("BM", "BN", "BK") if k in cfg.kwargs)
+    return f"{tiles} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def collect_tasks(vs, batches, dim, first_config: bool, kernels=None) -> list[Task]:
+    common.import_kernels()
+    K = importlib.import_module("llm2clip_kernels._triton")
+    tasks: dict[tuple, Task] = {}
+    for v in vs:
+        for name, args, flags in record_launches(K, v, batches, dim):
+            if kernels and name not in kernels:
+                continue
+            fn, configs = K.KERNELS[name][0], K.KERNELS[name][1]
+            for ci, cfg in enumerate(configs[:1] if first_config else configs):
+                sig, consts, attrs = specialization(fn, args, flags, cfg)
+                key = (
+                    name,
+                    ci,
+                    tuple(sig.items()),
+                    repr(sorted(consts.items())),
+                    repr(sorted(attrs.items())),
+                )
+                if key not in tasks:
+                    unit = [n for n, t in sig.items() if t == "constexpr" and n.startswith("stride")]
+                    tasks[key] = Task(
+                        name, ci, _config_label(cfg), cfg.num_warps, cfg.num_stages, sig, consts, attrs,
+                        {k: val for k, val in flags.items() if isinstance(val, bool)},
+                        ",".join(u.replace("stride_", "") for u in unit),
+                    )  # fmt: skip
+                if v.label not in tasks[key].used_by:
+                    tasks[key].used_by.append(v.label)
+    return list(tasks.values())
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+_PTXAS_RE = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "frame": re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"),
+    "smem": re.compile(r"(\d+) bytes smem"),
+}
+
+
+def parse_ptxas(log: str) -> dict:
+    """registers, stack frame, spill stores / loads and static smem from one kernel's ptxas -v log."""
+    regs = _PTXAS_RE["registers"].search(log)
+    frame = _PTXAS_RE["frame"].search(log)
+    smem = _PTXAS_RE["smem"].search(log)
+    if regs is None or frame is None:
+        raise ValueError(f"no register / spill report in the ptxas log:\n{log[-2000:]}")
+    return {
+        "registers": int(regs.group(1)),
+        "stack_frame_bytes": int(frame.group(1)),
+        "spill_store_bytes": int(frame.group(2)),
+        "spill_load_bytes": int(frame.group(3)),
+        "static_smem_bytes": int(smem.group(1)) if smem else 0,
+    }
+
+
+def occupancy(registers: int, warps_per_block: int, smem_bytes: int) -> dict:
+    """Resident blocks and warps per SM on sm_90, and what limits them."""
+    regs_per_warp = -(-registers * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    # On a tie the hardware caps (warps, blocks) are named first: more registers would not help.
+    limits = {
+        "warps": MAX_WARPS_PER_SM // warps_per_block,
+        "blocks": MAX_BLOCKS_PER_SM,
+        "registers": REGS_PER_SM // (regs_per_warp * warps_per_block),
+    }
+    if smem_bytes > SMEM_PER_BLOCK:
+        limits["shared memory"] = 0
+    elif smem_bytes:
+        limits["shared memory"] = SMEM_PER_SM // (smem_bytes + SMEM_RESERVED_PER_BLOCK)
+    blocks = min(limits.values())
+    limiter = next(k for k in limits if limits[k] == blocks)
+    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps_per_block, "limited_by": limiter}
+
+
+def _ptxas_path() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+
+
+def _compile_task(task: Task) -> dict:
+    """Compile one task for sm_90a and read its resources (runs in a worker process)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    common.import_kernels()
+    K = importlib.import_module("llm2clip_kernels._triton")
+    fn = K.KERNELS[task.kernel][0]
+    t0 = time.perf_counter()
+    out = io.StringIO()
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints its own ptxas -v log: captured here
+    with contextlib.redirect_stdout(out):
+        compiled = triton.compile(
+            ASTSource(fn, task.sig, task.consts, task.attrs),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": task.num_warps, "num_stages": task.num_stages},
+        )
+    log = out.getvalue()
+    ptx = compiled.asm["ptx"]
+    if "Used " not in log:  # a Triton that does not print the log: run its ptxas ourselves
+        with tempfile.TemporaryDirectory() as d:
+            src = Path(d) / "kernel.ptx"
+            src.write_text(ptx)
+            cmd = [_ptxas_path(), "-lineinfo", "-v", "--gpu-name=sm_90a", str(src), "-o", str(src) + ".o"]
+            log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    res = parse_ptxas(log)
+    res["smem_bytes"] = int(compiled.metadata.shared) + res["static_smem_bytes"]
+    res["mma"] = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else "none")
+    res["compile_s"] = time.perf_counter() - t0
+    return res
+
+
+def _worker_init(cache_dir: str) -> None:
+    os.environ["TRITON_CACHE_DIR"] = cache_dir  # empty: every kernel is compiled, nothing reused
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+def compile_all(tasks: list[Task], jobs: int) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="kernel_resources_cache_") as cache:
+        with concurrent.futures.ProcessPoolExecutor(jobs, initializer=_worker_init, initargs=(cache,)) as ex:
+            futures = {ex.submit(_compile_task, t): t for t in tasks}
+            for fut in concurrent.futures.as_completed(futures):
+                t = futures[fut]
+                row = {
+                    "kernel": t.kernel, "config": t.config, "config_index": t.config_index,
+                    "num_warps": t.num_warps, "num_stages": t.num_stages, "flags": t.flags,
+                    "unit_strides": t.strides, "used_by": t.used_by,
+                    "dtypes": sorted({u.split()[0] for u in t.used_by}),
+                    "main": any(_variant_of(u).main for u in t.used_by),
+                }  # fmt: skip
+                try:
+                    row.update(fut.result())
+                    row.update(occupancy(row["registers"], t.num_warps, row["smem_bytes"]))
+                    row["status"] = "ok" if row["blocks_per_sm"] else "does not fit"
+                except Exception as e:  # noqa: BLE001 - report every kernel, failures included
+                    row.update(status="error", error=f"{type(e).__name__}: {str(e).strip()[-1500:]}")
+                rows.append(row)
+    order = ("forward", "positive", "grad", "grad32", "gemm", "gemm_acc", "gemm32")
+    order = {k: i for i, k in enumerate(order)}
+    rows.sort(key=lambda r: (order.get(r["kernel"], 99), r["dtypes"], str(r["flags"]), r["unit_strides"],
+                             r["config_index"]))  # fmt: skip
+    return rows
+
+
+def _variant_of(label: str) -> Variant:
+    dtype, rest = label.split()
+    loss = rest.split("+")[0]
+    return Variant(dtype, loss, "+bias" in rest, "+groups" in rest)
+
+
+# ----------------------------------------------------------------------------- CUDA extension
+
+_NVCC_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
+
+
+def cuda_ext_report(source: Path, arch: str = "sm_90") -> list[dict]:
+    """Per-kernel ptxas resources of the CUDA extension (nvcc -Xptxas -v), [] without nvcc."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or not source.exists():
+        return []
+    with tempfile.TemporaryDirectory() as d:
+        obj = Path(d) / "k.o"
+        cmd = [nvcc, "-c", str(source), "-I", str(source.parent), "-o", str(obj), "-Xptxas", "-v",
+               "-gencode", f"arch=compute_{arch[3:]},code={arch}", "-O3"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return [{"kernel": source.name, "status": "error", "error": proc.stderr[-1500:]}]
+        threads = _launch_bounds(obj)
+    rows = []
+    for block in re.split(r"(?=ptxas info\s+: Compiling entry function)", proc.stderr):
+        m = _NVCC_ENTRY.search(block)
+        if not m:
+            continue
+        row = {"kernel": _demangle(m.group(1)), "mangled": m.group(1), "arch": m.group(2), "status": "ok"}
+        row.update(parse_ptxas(block))
+        row["smem_bytes"] = row["static_smem_bytes"]
+        row["threads_per_block"] = threads.get(m.group(1), 256)
+        row["threads_from"] = "launch bounds" if m.group(1) in threads else "assumed 256"
+        warps = -(-row["threads_per_block"] // 32)
+        row.update(occupancy(row["registers"], warps, row["smem_bytes"]))
+        rows.append(row)
+    return rows
+
+
+def _launch_bounds(obj: Path) -> dict[str, int]:
+    """Mangled kernel name -> max threads per block from its launch bounds (cuobjdump -elf)."""
+    tool = shutil.which("cuobjdump") or str(Path(_ptxas_path()).with_name("cuobjdump"))
+    try:
+        elf = subprocess.run([tool, "-elf", str(obj)], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    out = {}
+    for section in re.split(r"\n(?=\.nv\.info\.)", elf):
+        head = section.split("\n", 1)[0]
+        m = re.search(r"EIATTR_MAX_THREADS\s+Format:\s+\S+\s+Value:\s+(0x[0-9a-f]+)", section)
+        if head.startswith(".nv.info.") and m:
+            out[head[len(".nv.info.") :].strip()] = int(m.group(1), 16)
+    return out
+
+
+def _demangle(name: str) -> str:
+    tool = shutil.which("cu++filt") or shutil.which("c++filt")
+    if tool is None:
+        return name
+    try:
+        out = subprocess.run([tool, name], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return name
+    out = re.sub(r"llm2clip::\(anonymous namespace\)::", "", out)
+    return re.sub(r"^void ", "", out) or name
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _flags_text(flags: dict) -> str:
+    short = {"HAS_BIAS": "bias", "HAS_GROUPS": "groups", "SIGMOID": "sigmoid", "LOAD_ACC": "load-acc",
+             "STORE_OUT": "store-out", "DOT_FP32": "upcast"}  # fmt: skip
+    return ",".join(short.get(k, k) for k, v in flags.items() if v and k in short) or "-"
+
+
+def format_table(rows, ext_rows) -> str:
+    head = ("| kernel | dtype | flags | unit strides | config | regs | spill st/ld B | stack B | smem KiB "
+            "| warps/SM | limited by | mma | main | status |")  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if r["status"] == "error":
+            lines.append(f"| {r['kernel']} | {','.join(r['dtypes'])} | {_flags_text(r['flags'])} | "
+                         f"{r['unit_strides']} | {r['config']} | - | - | - | - | - | - | - | "
+                         f"{'yes' if r['main'] else ''} | error |")  # fmt: skip
+            continue
+        lines.append(
+            f"| {r['kernel']} | {','.join(r['dtypes'])} | {_flags_text(r['flags'])} | {r['unit_strides']} | "
+            f"{r['config']} | {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | "
+            f"{r['stack_frame_bytes']} | {r['smem_bytes'] / 1024:.0f} | {r['warps_per_sm']} | "
+            f"{r['limited_by']} | "
+            f"{r['mma']} | {'yes' if r['main'] else ''} | {r['status']} |"
+        )
+    if ext_rows:
+        lines += ["", "| CUDA kernel (csrc/gather_kernels.cu) | arch | regs | spill st/ld B | stack B "
+                  "| smem B "
+                  "| threads | warps/SM | limited by |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in ext_rows:
+            if r["status"] != "ok":
+                lines.append(f"| {r['kernel']} | - | error | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['spill_store_bytes']}/"
+                f"{r['spill_load_bytes']} | {r['stack_frame_bytes']} | {r['smem_bytes']} | "
+                f"{r['threads_per_block']} | {r['warps_per_sm']} | {r['limited_by']} |"
+            )
+    return "\n".join(lines)
+
+
+def summarize(rows, ext_rows) -> dict:
+    main = [r for r in rows if r["main"]]
+    bad = lambda r: r["status"] != "ok" or r["spill_store_bytes"] or r["spill_load_bytes"]  # noqa: E731
+    return {
+        "triton_kernels_compiled": len(rows),
+        "errors": sum(r["status"] == "error" for r in rows),
+        "spilling": sum(
+            r["status"] == "ok" and (r["spill_store_bytes"] + r["spill_load_bytes"]) > 0 for r in rows
+        ),
+        "not_fitting": sum(r["status"] == "does not fit" for r in rows),
+        "main_path_kernels": len(main),
+        "main_path_bad": [
+            f"{r['kernel']} {','.join(r['dtypes'])} {_flags_text(r['flags'])} {r['config']}: "
+            f"{r.get('error') or r['status']}, spills {r.get('spill_store_bytes')}/"
+            f"{r.get('spill_load_bytes')}"
+            for r in main
+            if bad(r)
+        ],  # fmt: skip
+        "cuda_ext_kernels": len(ext_rows),
+        "cuda_ext_spilling": sum(
+            r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0) > 0 for r in ext_rows
+        ),
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Registers, spills, shared memory and occupancy per kernel x "
+                                "config "
+                                "for sm_90a (H100/H200), compiled ahead of time without a GPU.")  # fmt: skip
+    p.add_argument(
+        "--dtypes", type=common.str_list, default=DTYPES, help="input dtypes (default bf16,fp16,fp32)"
+    )
+    p.add_argument(
+        "--paths",
+        choices=("all", "main", "other"),
+        default="all",
+        help="all variants (default), the main paths only (see the module docstring), or the others",
+    )
+    p.add_argument(
+        "--first-config", action="store_true", help="one autotune config per kernel (a compile check)"
+    )
+    p.add_argument(
+        "--kernels",
+        type=common.str_list,
+        default=None,
+        help="only these kernels of llm2clip_kernels._triton.KERNELS (default: all)",
+    )
+    p.add_argument(
+        "--batches",
+        type=common.int_list,
+        default=BATCHES,
+        help="b = B values whose launches are recorded (default 4096,24576: every accumulator case)",
+    )
+    p.add_argument(
+        "--dim", type=int, default=DIM, help="feature dim D of the recorded launches (default 1024)"
+    )
+    p.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all cores)"
+    )
+    p.add_argument("--no-cuda-ext", action="store_true", help="skip the CUDA extension (nvcc) report")
+    p.add_argument(
+        "--fail-on-spill",
+        action="store_true",
+        help="exit 1 if a main-path config spills or does not fit shared memory",
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the JSON document to this path")
+    common.add_output_args(
+        p, "directory for the JSON and markdown report (default bench/results)", plot=False
+    )
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    bad_dtypes = [d for d in args.dtypes if d not in DTYPES]
+    if bad_dtypes:
+        raise SystemExit(f"unknown dtypes {bad_dtypes}; choose from {DTYPES}")
+    t0 = time.perf_counter()
+    if os.environ.pop("TRITON_INTERPRET", None) and "llm2clip_kernels" in sys.modules:
+        raise SystemExit(
+            "llm2clip_kernels was imported under TRITON_INTERPRET=1: run this in a fresh process"
+        )
+    vs = variants(args.dtypes, args.paths)
+    tasks = collect_tasks(vs, args.batches, args.dim, args.first_config, args.kernels)
+    print(f"{len(vs)} variants -> {len(tasks)} kernel x config compiles for sm_90a ({args.jobs} processes)",
+          flush=True)  # fmt: skip
+    rows = compile_all(tasks, max(1, args.jobs))
+    ext_rows = [] if args.no_cuda_ext else cuda_ext_report(common.REPO_ROOT / "csrc" / "gather_kernels.cu")
+    summary = summarize(rows, ext_rows)
+    doc = {
+        "meta": {
+            "timestamp": common.utc_timestamp(), "triton": common.triton_version(), "target": "sm_90a",
+            "config": common.config_of(args), "seconds": time.perf_counter() - t0,
+            "sm_limits": {"registers": REGS_PER_SM, "reg_alloc_unit": REG_ALLOC_UNIT,
+                          "smem_per_sm": SMEM_PER_SM, "smem_per_block": SMEM_PER_BLOCK,
+                          "smem_reserved_per_block": SMEM_RESERVED_PER_BLOCK,
+                          "max_warps": MAX_WARPS_PER_SM, "max_blocks": MAX_BLOCKS_PER_SM},
+            **common.git_meta(),
+        },
+        "summary": summary,
+        "rows": rows,
+        "cuda_ext": ext_rows,
+    }  # fmt: skip
+    table = format_table(rows, ext_rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = common.result_stem("kernel_resources", args.tag, common.file_stamp())
+    common.write_json_atomic(args.out / f"{stem}.json", doc)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        common.write_json_atomic(args.json, doc)
+    (args.out / f"{stem}.md").write_text(
+        f"# Kernel resources (sm_90a, triton {doc['meta']['triton']})\n\n{table}\n"
+    )
+    print(table)
+    print(f"\nsummary: {summary}")
+    print(f"results: {args.out / stem}.json / .md ({doc['meta']['seconds']:.0f} s)")
+    failed = summary["errors"] > 0 or (args.fail_on_spill and summary["main_path_bad"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
