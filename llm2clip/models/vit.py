@@ -1,23 +1,24 @@
-"""Vision transformers for LLM2CLIP stage 2: CLIP ViT-B/32, B/16, L/14, L/14-336, SigLIP so400m/14, EVA02.
+"""Vision transformers for LLM2CLIP stage 2: CLIP ViT-B/32 .. L/14-336, SigLIP so400m/14, EVA02-CLIP.
 
 One module, configured by a typed dataclass (``ViTConfig``) with named presets::
 
     pixels (B, 3, H, W) -> patch_embed (conv, stride = patch) -> (B, N, width), N = (H/p) * (W/p)
       [+ class token]  [+ learned absolute position embedding]  [-> norm_pre (CLIP's "ln_pre")]
       -> depth x pre-LN block:  x += attn(norm1(x));  x += mlp(norm2(x))
-           attn: fused qkv projection, optional 2D RoPE on the patch tokens (EVA02), then
-                 llm2clip.models.attention.attention (the backend selector), output projection
+           attn: fused qkv projection (EVA02: no k bias), optional 2D RoPE on the patch tokens (EVA02),
+                 llm2clip.models.attention.attention (the backend selector), [LayerNorm (EVA02's
+                 sub-LN 'inner_attn_ln')], output projection
            mlp:  fc1 -> act (QuickGELU | GELU | tanh-GELU) -> fc2, or SwiGLU (EVA02) with optional sub-LN
       -> norm (CLIP's "ln_post" / SigLIP's "post_layernorm") over every token
       -> pool: class token ("cls", CLIP) | multi-head attention pooling with a learned probe ("map", SigLIP)
                | mean of the patch tokens ("mean")
-      -> [proj: Linear(width -> output_dim, bias=False), CLIP's visual projection]
+      -> [proj: Linear(width -> output_dim), CLIP's visual projection (no bias; EVA-CLIP's head has one)]
 
 Parameter names are plain and kernel-independent (``patch_embed``, ``cls_token``, ``pos_embed``,
 ``norm_pre``, ``blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``,
-``attn_pool.*``, ``proj``); ``llm2clip.models.vision_weights`` maps transformers and open_clip
-checkpoints onto them. The forward has no data-dependent Python control flow (only shapes and
-config flags are branched on), so it compiles with ``torch.compile(fullgraph=True)``; note that the
+``attn_pool.*``, ``proj``); ``llm2clip.models.weights`` maps transformers, open_clip, timm and
+EVA-CLIP checkpoints onto them and back. The forward has no data-dependent Python control flow (only
+shapes and config flags are branched on), so it compiles with ``torch.compile(fullgraph=True)``; note that the
 attention selector logs its choice on first use, so run one eager forward (or set the backend)
 before compiling with ``fullgraph=True``.
 """
@@ -64,13 +65,17 @@ class ViTConfig:
     in_chans: int = 3
     """Input image channels."""
     output_dim: int | None = 512
-    """Output size of the final projection (CLIP's visual projection, no bias); None: no projection."""
+    """Output size of the final projection (CLIP's visual projection); None: no projection."""
+    proj_bias: bool = False
+    """Bias on the final projection (EVA-CLIP's and timm's 'head' have one, CLIP's 'proj' not)."""
     act: str = "quick_gelu"
     """MLP activation: 'quick_gelu' (OpenAI CLIP), 'gelu' (open_clip LAION models), 'gelu_tanh' (SigLIP)."""
     mlp: str = "mlp"
     """'mlp' (fc1 -> act -> fc2) or 'swiglu' (EVA02: fc2(silu(fc1_g x) * fc1_x x), act unused)."""
     mlp_norm: bool = False
     """LayerNorm inside the MLP before fc2 (EVA02's sub-LN 'ffn_ln')."""
+    attn_norm: bool = False
+    """LayerNorm on the attention output before its projection (EVA02-CLIP's sub-LN 'inner_attn_ln')."""
     class_token: bool = True
     """Prepend a learned class token (CLIP); SigLIP has none."""
     pos_embed: bool = True
@@ -79,12 +84,20 @@ class ViTConfig:
     """2D rotary position embedding on the patch grid, applied to q and k of the patch tokens (EVA02)."""
     rope_theta: float = 10000.0
     """RoPE base; each axis uses head_dim / 4 frequencies theta ** (-4i / head_dim)."""
+    rope_ref_grid: int | None = None
+    """RoPE positions are scaled by rope_ref_grid / grid per axis (EVA-CLIP's pt_hw_seq_len with
+    intp_freq, timm's ref_feat_shape: 16 for EVA02-CLIP, so a 24 x 24 grid spans the same angles as the
+    16 x 16 grid it was pretrained on); None: integer positions."""
     pre_norm: bool = True
     """LayerNorm after the embeddings, before the first block (CLIP's 'ln_pre'); SigLIP has none."""
     pool: str = "cls"
     """Pooling: 'cls' (class token, CLIP), 'map' (attention pooling with a learned probe, SigLIP), 'mean'."""
     qkv_bias: bool = True
     """Bias on the fused q, k, v projection."""
+    k_bias: bool = True
+    """With qkv_bias: whether the k part of the bias is used. EVA02 has none (q and v biases only): its
+    k part is held at zero (masked in forward, so it gets no gradient); with RoPE a k bias would change
+    the attention, so it must stay zero for the tower to remain an EVA02."""
     patch_bias: bool = False
     """Bias on the patch-embedding conv (SigLIP has one, CLIP not)."""
     ln_eps: float = 1e-5
@@ -99,6 +112,9 @@ class ViTConfig:
     """Per-channel standard deviation of the pixel normalisation (for the data pipeline)."""
     name: str = field(default="custom", compare=False)
     """Preset name this config came from (informational)."""
+    init_source: str | None = field(default=None, compare=False)
+    """Where the tower's starting weights came from ('eva_clip:/path/ckpt.pt', ...); None: random init
+    (informational; checkpoints and exports record it)."""
 
     def __post_init__(self) -> None:
         for key in ("image_size", "patch_size", "width", "depth", "heads", "in_chans"):
@@ -122,6 +138,8 @@ class ViTConfig:
             raise ValueError("pool='cls' needs class_token=True")
         if self.rope and self.head_dim % 4:
             raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {self.head_dim}")
+        if self.rope_ref_grid is not None and self.rope_ref_grid <= 0:
+            raise ValueError(f"rope_ref_grid must be positive or None, got {self.rope_ref_grid}")
         if not self.pos_embed and not self.rope:
             raise ValueError("the model needs a position signal: pos_embed=True or rope=True")
         if self.attn_backend not in (None, "auto", *BACKENDS):
@@ -167,6 +185,10 @@ class ViTConfig:
 
 # fmt: off
 _CLIP = dict(act="quick_gelu", class_token=True, pre_norm=True, pool="cls", patch_bias=False, ln_eps=1e-5)
+_EVA02 = dict(
+    mlp="swiglu", mlp_norm=True, attn_norm=True, rope=True, rope_ref_grid=16, k_bias=False, class_token=True,
+    pre_norm=False, pool="cls", patch_bias=True, proj_bias=True, ln_eps=1e-6,
+)
 PRESETS: dict[str, ViTConfig] = {
     # OpenAI CLIP (open_clip names ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336 with -quickgelu).
     "B/32": ViTConfig(name="B/32", patch_size=32, width=768, depth=12, heads=12, output_dim=512, **_CLIP),
@@ -182,18 +204,29 @@ PRESETS: dict[str, ViTConfig] = {
         output_dim=None, act="gelu_tanh", class_token=False, pre_norm=False, pool="map", patch_bias=True,
         ln_eps=1e-6, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
     ),
-    # EVA02-CLIP-L/14 shape (the LLM2CLIP paper's headline tower): SwiGLU with sub-LN, 2D RoPE, no ln_pre.
+    # EVA02-CLIP (the LLM2CLIP paper's towers; EVA-CLIP's model configs, timm's eva02_*_clip_*): SwiGLU
+    # with sub-LN in the MLP and the attention, 2D RoPE at the 16 x 16 reference grid, no ln_pre, no k bias,
+    # a head with a bias.
+    "EVA02-B/16": ViTConfig(
+        name="EVA02-B/16", patch_size=16, width=768, depth=12, heads=12, mlp_dim=2048, output_dim=512,
+        **_EVA02,
+    ),
     "EVA02-L/14": ViTConfig(
         name="EVA02-L/14", patch_size=14, width=1024, depth=24, heads=16, mlp_dim=2730, output_dim=768,
-        mlp="swiglu", mlp_norm=True, rope=True, class_token=True, pre_norm=False, pool="cls", patch_bias=True,
-        ln_eps=1e-6,
+        **_EVA02,
+    ),
+    "EVA02-L/14-336": ViTConfig(
+        name="EVA02-L/14-336", image_size=336, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=2730,
+        output_dim=768, **_EVA02,
     ),
 }
 _ALIASES = {
     "ViT-B/32": "B/32", "ViT-B-32": "B/32", "ViT-B/16": "B/16", "ViT-B-16": "B/16",
     "ViT-L/14": "L/14", "ViT-L-14": "L/14", "ViT-L/14-336": "L/14-336", "ViT-L-14-336": "L/14-336",
     "L/14@336": "L/14-336", "so400m": "so400m/14", "SigLIP-so400m/14": "so400m/14",
-    "ViT-SO400M-14-SigLIP-384": "so400m/14", "EVA02-CLIP-L-14": "EVA02-L/14",
+    "ViT-SO400M-14-SigLIP-384": "so400m/14", "EVA02-CLIP-L-14": "EVA02-L/14", "EVA02-L-14": "EVA02-L/14",
+    "EVA02-CLIP-L-14-336": "EVA02-L/14-336", "EVA02-L-14-336": "EVA02-L/14-336",
+    "EVA02-CLIP-B-16": "EVA02-B/16", "EVA02-B-16": "EVA02-B/16",
 }
 # fmt: on
 
@@ -217,17 +250,30 @@ def activation(name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float, device) -> tuple[Tensor, Tensor]:
-    """cos, sin of a 2D axial rotary embedding, each (grid_h * grid_w, head_dim // 2), fp32.
+def rope_2d(
+    grid_h: int,
+    grid_w: int,
+    head_dim: int,
+    theta: float,
+    device,
+    ref_grid: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """cos, sin of a 2D axial rotary embedding, each (grid_h * grid_w, head_dim // 2), in `dtype`.
 
     Pair (i, i + head_dim/2) of each head is rotated by angle pos * theta ** (-4j / head_dim):
     the first head_dim/4 pairs by the row index, the last head_dim/4 by the column index, so
     q . k depends only on the (row, column) offset between two patches (row-major patch order).
+    With ref_grid, positions are scaled by ref_grid / grid_h (rows) and ref_grid / grid_w (columns).
+    (EVA-CLIP and timm rotate interleaved pairs (2i, 2i + 1) instead; the weight loaders permute
+    q and k to this layout, which leaves q . k unchanged.)
     """
     quarter = head_dim // 4
-    freqs = theta ** (-torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
-    rows = torch.arange(grid_h, device=device, dtype=torch.float32).repeat_interleave(grid_w)
-    cols = torch.arange(grid_w, device=device, dtype=torch.float32).repeat(grid_h)
+    freqs = theta ** (-torch.arange(quarter, device=device, dtype=dtype) / quarter)
+    rows = torch.arange(grid_h, device=device, dtype=dtype).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, device=device, dtype=dtype).repeat(grid_h)
+    if ref_grid is not None:
+        rows, cols = rows * (ref_grid / grid_h), cols * (ref_grid / grid_w)
     angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -245,22 +291,41 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (rows ordered q, k, v: open_clip's in_proj)."""
+    """Multi-head self-attention with a fused qkv projection (rows ordered q, k, v: open_clip's in_proj).
 
-    def __init__(self, width: int, heads: int, qkv_bias: bool = True, backend: str | None = None):
+    k_bias=False keeps the k third of the bias at zero (a constant mask in forward: no gradient reaches
+    it); norm=True adds EVA02-CLIP's LayerNorm before the output projection."""
+
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        qkv_bias: bool = True,
+        backend: str | None = None,
+        norm: bool = False,
+        eps: float = 1e-5,
+        k_bias: bool = True,
+    ):
         super().__init__()
         self.heads, self.backend = heads, backend
         self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
+        self.norm = nn.LayerNorm(width, eps=eps) if norm else nn.Identity()
         self.proj = nn.Linear(width, width)
+        mask = torch.ones(3 * width).index_fill_(0, torch.arange(width, 2 * width), 0.0)
+        self.register_buffer("bias_mask", mask if qkv_bias and not k_bias else None, persistent=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, num_prefix: int = 0) -> Tensor:
         b, n, w = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).unbind(2)
+        if self.bias_mask is None:
+            qkv = self.qkv(x)
+        else:
+            qkv = F.linear(x, self.qkv.weight, self.qkv.bias * self.bias_mask.to(self.qkv.bias.dtype))
+        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).unbind(2)
         if rope is not None:  # rotate the patch tokens only; prefix (class) tokens stay unrotated
             q = torch.cat([q[:, :num_prefix], apply_rope(q[:, num_prefix:], *rope)], dim=1)
             k = torch.cat([k[:, :num_prefix], apply_rope(k[:, num_prefix:], *rope)], dim=1)
         out = attention(q, k, v, backend=self.backend)
-        return self.proj(out.reshape(b, n, w))
+        return self.proj(self.norm(out.reshape(b, n, w)))
 
 
 class MLP(nn.Module):
@@ -303,7 +368,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.attn = Attention(cfg.width, cfg.heads, cfg.qkv_bias, cfg.attn_backend)
+        self.attn = Attention(
+            cfg.width, cfg.heads, cfg.qkv_bias, cfg.attn_backend, cfg.attn_norm, cfg.ln_eps, cfg.k_bias
+        )
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
         self.mlp = build_mlp(cfg)
 
@@ -358,7 +425,7 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(w, eps=cfg.ln_eps)
         self.attn_pool = AttentionPoolHead(cfg) if cfg.pool == "map" else None
-        self.proj = nn.Linear(w, cfg.output_dim, bias=False) if cfg.output_dim is not None else None
+        self.proj = nn.Linear(w, cfg.output_dim, bias=cfg.proj_bias) if cfg.output_dim is not None else None
         self.init_weights()
 
     @property
@@ -401,15 +468,7 @@ class ViT(nn.Module):
 
     def _pos_embed(self, grid_h: int, grid_w: int) -> Tensor:
         """The position embedding for a grid_h x grid_w patch grid (bicubic resize when it differs)."""
-        pe, g, p = self.pos_embed, self.config.grid_size, self.config.num_prefix_tokens
-        if grid_h == g and grid_w == g:
-            return pe
-        grid = (
-            pe[p:].reshape(1, g, g, -1).permute(0, 3, 1, 2).to(torch.promote_types(pe.dtype, torch.float32))
-        )
-        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-        grid = grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1).to(pe.dtype)
-        return torch.cat([pe[:p], grid], dim=0)
+        return resample_pos_embed(self.pos_embed, self.config.num_prefix_tokens, grid_h, grid_w)
 
     def embed(self, pixels: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """Patchify, add class token and positions, ln_pre. Returns tokens (B, L, width) and RoPE cos/sin."""
@@ -421,7 +480,10 @@ class ViT(nn.Module):
             x = torch.cat([self.cls_token.to(x.dtype).expand(b, 1, -1), x], dim=1)
         if self.pos_embed is not None:
             x = x + self._pos_embed(gh, gw).to(x.dtype)
-        rope = rope_2d(gh, gw, cfg.head_dim, cfg.rope_theta, x.device) if cfg.rope else None
+        rope = None
+        if cfg.rope:
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            rope = rope_2d(gh, gw, cfg.head_dim, cfg.rope_theta, x.device, cfg.rope_ref_grid, dtype)
         return self.norm_pre(x), rope
 
     def forward_tokens(self, pixels: Tensor) -> Tensor:
@@ -439,6 +501,18 @@ class ViT(nn.Module):
             else:
                 x = block(x, rope, prefix)
         return x
+
+    def forward_hidden_states(self, pixels: Tensor) -> list[Tensor]:
+        """depth + 1 tensors (B, L, width): the embeddings (after norm_pre), then each block's output.
+
+        transformers' ``hidden_states`` (output_hidden_states=True) for CLIP and SigLIP; the last one is
+        ``forward_tokens``. For inference (no activation checkpointing)."""
+        x, rope = self.embed(pixels)
+        states = [x]
+        for block in self.blocks:
+            x = block(x, rope, self.config.num_prefix_tokens)
+            states.append(x)
+        return states
 
     def pool(self, x: Tensor) -> Tensor:
         """Final-normed tokens (B, L, width) -> pooled (B, embed_dim), projection included."""
@@ -470,6 +544,22 @@ class ViT(nn.Module):
         return self.config.depth + 1
 
 
+def resample_pos_embed(pe: Tensor, prefix: int, grid_h: int, grid_w: int) -> Tensor:
+    """A square position embedding (prefix + g * g, width) resized bicubically to grid_h x grid_w
+    (unchanged when the grid is already that); the prefix (class token) rows are kept."""
+    g = round((pe.shape[0] - prefix) ** 0.5)
+    if g * g != pe.shape[0] - prefix:
+        raise ValueError(f"position embedding of {pe.shape[0]} rows is not {prefix} + a square grid")
+    if grid_h == g and grid_w == g:
+        return pe
+    grid = (
+        pe[prefix:].reshape(1, g, g, -1).permute(0, 3, 1, 2).to(torch.promote_types(pe.dtype, torch.float32))
+    )
+    grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1).to(pe.dtype)
+    return torch.cat([pe[:prefix], grid], dim=0)
+
+
 def vit(name: str, **overrides) -> ViT:
     """Build a preset: vit('B/16'), vit('so400m/14', depth=2), vit('B/16', rope=True, mlp='swiglu')."""
     return ViT(ViTConfig.preset(name, **overrides))
@@ -492,6 +582,7 @@ __all__ = [
     "apply_rope",
     "num_params",
     "quick_gelu",
+    "resample_pos_embed",
     "rope_2d",
     "vit",
 ]
