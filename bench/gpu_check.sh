@@ -36,8 +36,8 @@
 # that use CUDA, found by grep), SIM_ARGS (default "--simulate-world 8 --batches 32768,131072
 # --dims 1024"; empty skips the step), TRAIN_ARGS, CACHE_ARGS, EXTRACT_ARGS (default "--quick";
 # empty skips), ATTN_ARGS,
-# BENCH_ARGS (bench/loss_throughput.py, default "--quick"), RESOURCE_ARGS (extra arguments for
-# bench/kernel_resources.py; RESOURCE_ARGS=skip skips it), SKIP_INSTALL=1 (use the project as
+# BENCH_ARGS (bench/loss_throughput.py, default "--quick"), RESOURCE_ARGS (arguments for
+# bench/kernel_resources.py, default "--dtypes bf16,fp16"; RESOURCE_ARGS=skip skips it), SKIP_INSTALL=1 (use the project as
 # installed, when it imports).
 
 set -u -o pipefail
@@ -173,7 +173,7 @@ printf 'install\t%s\t%s\t%s\n' "$INSTALL" "$(($(date +%s) - T0))" gpu_check.log 
 # ---------------------------------------------------------------- 4. kernel resources (background)
 # Compiles every loss kernel x autotune config for sm_90a and reads ptxas -v: CPU work that
 # overlaps the GPU steps. Joined before the summary.
-RESOURCE_ARGS=${RESOURCE_ARGS:-}
+RESOURCE_ARGS=${RESOURCE_ARGS---dtypes bf16,fp16} # fp32's FMA variants compile for minutes
 RES_PID=
 if [ "$RESOURCE_ARGS" != skip ]; then
     JOBS=$(($(nproc) > 2 ? $(nproc) / 2 : 1))

@@ -59,7 +59,7 @@ H100_SXM = Device(
     "special functions on H100 SXM5)",
 )  # fmt: skip
 H100_PCIE = Device(
-    "H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2, "fp64": 25.6}, 2.0, 3.1, 80, 114,
+    "H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2, "fp64": 25.6}, 2.0, 3.0, 80, 114,
     "NVIDIA H100 datasheet (PCIe: BF16 1513 / TF32 756 TFLOPS with sparsity, FP32 51 / "
     "FP64 26 TFLOPS, 2.0 TB/s HBM2e); exp rate: the SXM5 figure scaled by SMs x boost clock "
     "(114 x 1.755 vs 132 x 1.98 GHz)",
