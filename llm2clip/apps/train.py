@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from llm2clip.cache import EmbeddingCache
+from llm2clip.cache import CacheError, EmbeddingCache
 from llm2clip.cache.device import DeviceRows
 from llm2clip.cli import parse_config as _parse
 from llm2clip.cli import run
@@ -360,12 +360,28 @@ def _finish(run: Stage2, step: int, wall_time_s: float) -> dict:
     weights = full_state(run.model)[0] if finished else None
     if dist.is_main:
         if finished:
-            run.clip_model.save(Path(cfg.output_dir) / "final", state_dict=weights)
+            final = Path(cfg.output_dir) / "final"
+            run.clip_model.save(final, state_dict=weights)
+            metrics["bundle"] = _make_bundle(final, run.cache)
         atomic_write_json(
             Path(cfg.output_dir) / "metrics.json", {"config": dataclasses.asdict(cfg), **metrics}
         )
     run.log.close()
     return metrics
+
+
+def _make_bundle(final: Path, cache: EmbeddingCache) -> bool:
+    """Make final/ a bundle (llm2clip.bundle: the text side's recipe and probe beside the weights).
+    A failure is reported, not raised: the weights are saved and can be exported later."""
+    from llm2clip.bundle import export_bundle
+
+    try:
+        export_bundle(final, final, cache_dir=cache)
+    except (ValueError, OSError, CacheError) as e:
+        print(f"warning: {final} is not a bundle ({e}); its weights are saved: export it later with "
+              f"`python -m llm2clip.export --format bundle`", flush=True)  # fmt: skip
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None, on_step: Callable[[int], None] | None = None) -> dict:
