@@ -469,6 +469,10 @@ def test_cli_end_to_end(env, tmp_path, capsys):
         saved["counts"]["retrieval"]["corrupt_images"] == 1 and saved["counts"]["zeroshot"]["no_label"] == 1
     )
     assert saved["args"]["checkpoint"] == str(ckpt) and saved["image_size"] == IMAGE_SIZE
+    # every result names its data, protocol and metric definitions; the table too
+    assert r["protocol"] == "llm2clip" and r["dataset"] == " ".join(str(p) for p in env["shards"])
+    assert z["dataset"] == str(zs) and "top{k}" in z["definitions"] and "i2t_R@k" in r["definitions"]
+    assert "8 images, 15 captions, llm2clip protocol" in printed and "definitions:" in printed
     assert saved["seconds"]["total"] > 0
 
     # clear errors

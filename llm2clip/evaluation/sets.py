@@ -5,8 +5,14 @@
 
 Images are decoded and centre-cropped once (uint8, CPU); caption embeddings come from a cache of
 the same LLM (looked up by shard, key and field) or from an embedder (see
-``llm2clip.models.text_recipe.embedder_like``: the exact LLM of the training cache, probe-checked).
-``llm2clip.evaluation.evaluate`` then only runs the vision tower and the text adapter.
+``llm2clip.models.text_recipe.embedder_like``: the exact LLM of the training cache, probe-checked;
+or a bundle's), at the recipe's max_length or `max_length` (``counts["truncated"]``: distinct
+captions cut). ``llm2clip.evaluation.evaluate`` then only runs the vision tower and the text adapter.
+
+Every set names its ``dataset`` and ``split`` and the ``protocol`` its metrics follow
+(``llm2clip.evaluation.metrics``: "llm2clip" or "clip_benchmark"). Other layouts:
+``llm2clip.evaluation.benchmark`` (CLIP_benchmark's wds eval sets), ``long_captions`` (JSON of
+{image, caption}, Urban-1k), ``multilingual`` (XM3600).
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from llm2clip.bundle.text import embed_captions
 from llm2clip.cache import EmbeddingCache
 from llm2clip.data.fields import FieldSpec
 from llm2clip.data.images import IMAGE_FIELDS, decode_image, eval_transform
 from llm2clip.data.shards import ShardError, expand_shards, iter_samples, shard_name
 
 __all__ = [
+    "PROTOCOLS",
+    "ImageCollector",
     "RetrievalSet",
     "ZeroShotSet",
     "build_prompts",
@@ -36,6 +45,12 @@ __all__ = [
 ]
 
 _LOAD_BLOCK = 1024  # samples read ahead per cache lookup (one vectorised lookup per block)
+PROTOCOLS = ("llm2clip", "clip_benchmark")
+
+
+def _check_meta(obj) -> None:
+    if obj.protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {obj.protocol!r} not in {PROTOCOLS}")
 
 
 @dataclass
@@ -57,9 +72,16 @@ class RetrievalSet:
     counts: dict = field(default_factory=dict)
     """What was read and what was skipped: samples (read; with max_images possibly a block beyond
     the last image used), no_image, no_caption, corrupt_images, captions_not_in_cache,
-    images_without_cached_caption, images, captions."""
+    images_without_cached_caption, images, captions; truncated and max_length when embedded here."""
+    dataset: str = ""
+    """What the set is (shards spec, CLIP_benchmark dataset folder, JSON file, ...)."""
+    split: str = ""
+    """Its split ('' when the layout has none)."""
+    protocol: str = "llm2clip"
+    """Metric definitions: 'llm2clip' or 'clip_benchmark' (llm2clip.evaluation.metrics)."""
 
     def __post_init__(self) -> None:
+        _check_meta(self)
         n, m = self.images.shape[0], self.text_embeddings.shape[0]
         if self.images.ndim != 4 or self.images.dtype != torch.uint8:
             raise ValueError(
@@ -89,8 +111,12 @@ class ZeroShotSet:
     """(shard name, sample key) of each image."""
     counts: dict = field(default_factory=dict)
     """What was read and what was skipped."""
+    dataset: str = ""
+    split: str = ""
+    protocol: str = "llm2clip"
 
     def __post_init__(self) -> None:
+        _check_meta(self)
         c, t = len(self.classnames), len(self.templates)
         if self.prompt_embeddings.shape[:2] != (c, t):
             raise ValueError(
@@ -101,8 +127,8 @@ class ZeroShotSet:
             raise ValueError("one label per image")
 
 
-def _image_bytes(sample: dict) -> bytes | None:
-    for f in IMAGE_FIELDS:
+def _image_bytes(sample: dict, fields: Sequence[str] = IMAGE_FIELDS) -> bytes | None:
+    for f in fields:
         if f in sample:
             return sample[f]
     return None
@@ -133,6 +159,15 @@ def _blocks(paths: Sequence[str], block: int) -> Iterator[tuple[str, list[dict]]
             yield path, buf
 
 
+def _samples(paths: Sequence[str], stop) -> Iterator[tuple[str, dict]]:
+    """(shard path, sample) of every shard in order, until stop() is true."""
+    for path in paths:
+        for sample in iter_samples(path):
+            if stop():
+                return
+            yield path, sample
+
+
 def _decode(data: bytes, transform) -> Tensor | None:
     try:
         return transform(decode_image(data))
@@ -153,6 +188,7 @@ def load_retrieval_set(
     cache: EmbeddingCache | None = None,
     embedder=None,
     max_images: int | None = None,
+    max_length: int | None = None,
 ) -> RetrievalSet:
     """Every sample of the shards with a decodable image and at least one caption among `fields`.
 
@@ -163,6 +199,7 @@ def load_retrieval_set(
                 from the cache is dropped (counted), and so is an image left without captions.
     embedder:   otherwise embed the captions with it (an LLMTextEmbedder: ``encode(list[str])``).
     max_images: stop after this many images (in shard order).
+    max_length: tokens per caption when embedding with `embedder` (default: its recipe's).
 
     Corrupt images are skipped and counted (``counts["corrupt_images"]``). Raises ValueError when
     no sample is usable, ShardError for an unreadable shard or an invalid caption field.
@@ -191,7 +228,7 @@ def load_retrieval_set(
     if cache is not None:
         emb = cache.gather(torch.tensor(reader.cache_rows, dtype=torch.long), out_dtype=torch.float32)
     else:
-        emb = _embed_unique(embedder, reader.captions)
+        emb = _embed(embedder, reader.captions, max_length, reader.counts)
     reader.counts.update(images=len(reader.images), captions=len(reader.captions))
     return RetrievalSet(
         images=torch.stack(reader.images),
@@ -201,6 +238,7 @@ def load_retrieval_set(
         image_keys=reader.keys,
         caption_fields=reader.cap_fields,
         counts=reader.counts,
+        dataset=shards if isinstance(shards, str) else " ".join(map(str, shards)),
     )
 
 
@@ -278,13 +316,49 @@ class _RetrievalReader:
             self.images.append(img)
 
 
-def _embed_unique(embedder, texts: Sequence[str]) -> Tensor:
-    """embedder.encode on the distinct texts only, scattered back: (len(texts), d) fp32 on the CPU."""
-    first: dict[str, int] = {}
-    index = [first.setdefault(t, len(first)) for t in texts]
-    with torch.inference_mode():
-        emb = torch.as_tensor(embedder.encode(list(first))).to("cpu", torch.float32)
-    return emb[torch.tensor(index, dtype=torch.long)].clone()
+def _embed(embedder, texts: Sequence[str], max_length: int | None, counts: dict) -> Tensor:
+    """embed_captions, its truncation count and length recorded in `counts`."""
+    emb, truncated = embed_captions(embedder, texts, max_length)
+    config = getattr(embedder, "config", None)
+    counts["truncated"] = truncated
+    counts["max_length"] = max_length or getattr(config, "max_length", None)
+    return emb
+
+
+class ImageCollector:
+    """Images of an evaluation set decoded and center-cropped one by one (uint8, CPU), up to
+    max_images, with the skips counted: ``add(key, data) -> index or None``."""
+
+    def __init__(self, image_size: int, max_images: int | None, counts: dict):
+        _check_max(max_images)
+        self.transform = eval_transform(image_size)
+        self.room = max_images if max_images is not None else math.inf
+        self.counts = counts
+        for name in ("no_image", "corrupt_images"):
+            counts.setdefault(name, 0)
+        self.images: list[Tensor] = []
+        self.keys: list = []
+
+    def full(self) -> bool:
+        return len(self.images) >= self.room
+
+    def add(self, key, data: bytes | None) -> int | None:
+        """The new image's index, or None when it is missing or undecodable (counted)."""
+        if data is None:
+            self.counts["no_image"] += 1
+            return None
+        img = _decode(data, self.transform)
+        if img is None:
+            self.counts["corrupt_images"] += 1
+            return None
+        self.images.append(img)
+        self.keys.append(key)
+        return len(self.images) - 1
+
+    def stacked(self, where: str) -> Tensor:
+        if not self.images:
+            raise ValueError(f"no usable image in {where}: {self.counts}")
+        return torch.stack(self.images)
 
 
 def fill_template(template: str, classname: str) -> str:
@@ -308,6 +382,9 @@ def load_zeroshot_set(
     embedder,
     label_field: str = "cls",
     max_images: int | None = None,
+    *,
+    image_fields: Sequence[str] = IMAGE_FIELDS,
+    max_length: int | None = None,
 ) -> ZeroShotSet:
     """Labelled images (a decodable image and a ``<key>.<label_field>`` member holding an ASCII
     integer class index) and the (C, T, d) embeddings of every class x template prompt.
@@ -315,8 +392,9 @@ def load_zeroshot_set(
     A label outside [0, len(classnames)) or not an integer raises ValueError naming shard and key.
     Corrupt images are skipped and counted. max_images: the first images in shard order (which
     may not cover every class; shuffle the shards' contents beforehand if that matters).
+    image_fields: image members tried in this order. max_length: tokens per prompt (default: the
+    embedder's).
     """
-    _check_max(max_images)
     if embedder is None:
         raise ValueError("load_zeroshot_set needs an embedder for the prompts (see embedder_like)")
     classnames, templates = list(classnames), list(templates)
@@ -324,60 +402,49 @@ def load_zeroshot_set(
         raise ValueError("zero-shot needs at least one class name and one template")
     prompts = build_prompts(classnames, templates)  # validates the templates before any image is read
     paths = expand_shards(list(shards) if not isinstance(shards, str) else shards)
-    transform = eval_transform(image_size)
     counts = {"shards": len(paths), "samples": 0, "no_image": 0, "no_label": 0, "corrupt_images": 0}
-    images: list[Tensor] = []
+    images = ImageCollector(image_size, max_images, counts)
     labels: list[int] = []
-    keys: list[tuple[str, str]] = []
-    for path in paths:
-        if max_images is not None and len(images) >= max_images:
-            break
-        for sample in iter_samples(path):
-            if max_images is not None and len(images) >= max_images:
-                break
-            counts["samples"] += 1
-            data = _image_bytes(sample)
-            raw = sample.get(label_field)
-            if data is None:
-                counts["no_image"] += 1
-                continue
-            if raw is None:
-                counts["no_label"] += 1
-                continue
-            where = f"shard {path}, key {sample['__key__']!r}"
-            try:
-                label = int(raw.decode("ascii").strip())
-            except (UnicodeDecodeError, ValueError):
-                raise ValueError(f"{where}: label {raw[:20]!r} is not an ASCII integer") from None
-            if not 0 <= label < len(classnames):
-                raise ValueError(
-                    f"{where}: label {label} out of range for {len(classnames)} class names "
-                    "(labels are 0-based indices into --classnames)"
-                )
-            img = _decode(data, transform)
-            if img is None:
-                counts["corrupt_images"] += 1
-                continue
-            images.append(img)
+    for path, sample in _samples(paths, images.full):
+        counts["samples"] += 1
+        data, raw = _image_bytes(sample, image_fields), sample.get(label_field)
+        if data is not None and raw is None:
+            counts["no_label"] += 1
+            continue
+        label = _label(raw, len(classnames), f"shard {path}, key {sample['__key__']!r}") if data else None
+        if images.add((shard_name(path), sample["__key__"]), data) is not None:
             labels.append(label)
-            keys.append((shard_name(path), sample["__key__"]))
-    if not images:
+    if not images.images:
         raise ValueError(
-            f"no usable sample in the zero-shot shards {shards} (an image in {IMAGE_FIELDS} and a "
+            f"no usable sample in the zero-shot shards {shards} (an image in {tuple(image_fields)} and a "
             f"'{label_field}' label are needed): {counts}"
         )
-    with torch.inference_mode():
-        emb = torch.as_tensor(embedder.encode(prompts)).to("cpu", torch.float32)
-    counts.update(images=len(images), prompts=len(prompts))
+    emb = _embed(embedder, prompts, max_length, counts)
+    counts.update(images=len(images.images), prompts=len(prompts))
     return ZeroShotSet(
-        images=torch.stack(images),
+        images=images.stacked(str(shards)),
         labels=torch.tensor(labels, dtype=torch.long),
         prompt_embeddings=emb.reshape(len(classnames), len(templates), -1),
         classnames=classnames,
         templates=templates,
-        image_keys=keys,
+        image_keys=images.keys,
         counts=counts,
+        dataset=shards if isinstance(shards, str) else " ".join(map(str, shards)),
     )
+
+
+def _label(raw: bytes, classes: int, where: str) -> int:
+    """A class index from an ASCII integer member (webdataset's .cls); ValueError naming `where`."""
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"{where}: label {raw[:20]!r} is not an ASCII integer") from None
+    if not 0 <= label < classes:
+        raise ValueError(
+            f"{where}: label {label} out of range for {classes} class names "
+            "(labels are 0-based indices into the class names)"
+        )
+    return label
 
 
 def read_names(path: str | Path) -> list[str]:

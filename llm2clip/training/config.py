@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -300,18 +301,32 @@ class EvalConfig:
     zeroshot_shards: str | None = _f(None, "Zero-shot classification shards (an image and a 'cls' member).")
     classnames: str | None = _f(None, "Zero-shot class names (JSON list or one per line).")
     templates: str | None = _f(None, "Zero-shot prompt templates with '{}' or '{c}' (JSON list or lines).")
+    eval_sets: tuple[str, ...] = _f(
+        (),
+        "More evaluation sets, KIND:PATH: clip_benchmark:DIR (a local CLIP_benchmark wds set, test split), "
+        "long:FILE|DIR (long-caption JSON or Urban-1k folder), xm3600:DIR (retrieval per language); their "
+        "captions are embedded once by the training cache's LLM (probe-checked).",
+    )
+    eval_languages: tuple[str, ...] = _f((), "Languages of the xm3600 eval sets (default: all).")
+    eval_max_length: int = _f(0, "Tokens per caption of the --eval-sets (0: the cache's max length).")
     eval_every: int = _f(0, "Evaluate every N steps (0: only at the end).")
     eval_max_images: int = _f(0, "Use at most this many held-out images per set (0: all).")
 
     def __post_init__(self) -> None:
+        from llm2clip.evaluation.specs import parse_set_spec
+
         self.eval_fields = _tuple(self.eval_fields)
-        _at_least(self, ["eval_every", "eval_max_images"], 0)
+        self.eval_sets, self.eval_languages = _tuple(self.eval_sets), _tuple(self.eval_languages)
+        _at_least(self, ["eval_every", "eval_max_images", "eval_max_length"], 0)
         if self.zeroshot_shards and not (self.classnames and self.templates):
             raise ValueError("--zeroshot-shards needs --classnames and --templates")
+        for spec in self.eval_sets:  # checked on every rank: rank 0 alone loads the sets
+            if not Path(parse_set_spec(spec).path).exists():
+                raise ValueError(f"--eval-sets {spec}: no such file or folder")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.eval_shards or self.zeroshot_shards)
+        return bool(self.eval_shards or self.zeroshot_shards or self.eval_sets)
 
 
 @dataclass

@@ -4,9 +4,10 @@
     results = evaluator.run(step, model, clip_model, log)     # every rank calls it
 
 Held-out captions come from ``--eval-cache`` (its spec must equal the training cache's) or the
-training cache itself; zero-shot prompts are embedded by the LLM rebuilt exactly as the training
-cache's extraction ran it (``embedder_like``, probe-checked). Under FSDP2 the full weights are
-gathered and evaluated in an unsharded copy on rank 0.
+training cache itself; zero-shot prompts and the captions of ``--eval-sets`` (CLIP_benchmark wds
+sets, long-caption sets, XM3600: ``llm2clip.evaluation.specs``) are embedded once, by the LLM
+rebuilt exactly as the training cache's extraction ran it (``embedder_like``, probe-checked), which
+is then freed. Under FSDP2 the full weights are gathered and evaluated in an unsharded copy on rank 0.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from torch import nn
 from llm2clip.cache import EmbeddingCache
 from llm2clip.data.shards import expand_shards
 from llm2clip.distributed import DistInfo, print0
-from llm2clip.evaluation import evaluate, format_table, load_retrieval_set, load_zeroshot_set, read_names
+from llm2clip.evaluation import (
+    evaluate,
+    format_table,
+    load_retrieval_set,
+    load_set,
+    load_zeroshot_set,
+    read_names,
+)
 from llm2clip.models.text_recipe import embedder_like
 from llm2clip.training.config import EvalConfig
 from llm2clip.training.optim import is_dtensor
@@ -29,27 +37,37 @@ from llm2clip.training.parallel import full_state
 __all__ = ["PeriodicEval"]
 
 
-def load_eval_sets(cfg: EvalConfig, cache: EmbeddingCache, image_size: int, device: torch.device):
-    """(RetrievalSet | None, ZeroShotSet | None) for --eval-shards / --zeroshot-shards."""
+def load_eval_sets(cfg: EvalConfig, cache: EmbeddingCache, image_size: int, device: torch.device) -> dict:
+    """{name: set}: 'retrieval' (--eval-shards), 'zeroshot' (--zeroshot-shards), one per --eval-sets."""
     max_images = cfg.eval_max_images or None
-    retrieval = zeroshot = None
+    sets: dict = {}
     if cfg.eval_shards:
         eval_cache = (
             EmbeddingCache.open(cfg.eval_cache, expect=cache.spec, verify=cache.verify)
             if cfg.eval_cache
             else cache
         )
-        retrieval = load_retrieval_set(
+        sets["retrieval"] = load_retrieval_set(
             expand_shards(cfg.eval_shards), list(cfg.eval_fields), image_size,
             cache=eval_cache, max_images=max_images,
         )  # fmt: skip
+    if not (cfg.zeroshot_shards or cfg.eval_sets):
+        return sets
+    embedder = embedder_like(cache.path, device)
     if cfg.zeroshot_shards:
-        embedder = embedder_like(cache.path, device)
-        zeroshot = load_zeroshot_set(
+        sets["zeroshot"] = load_zeroshot_set(
             expand_shards(cfg.zeroshot_shards), image_size, read_names(cfg.classnames),
             read_names(cfg.templates), embedder, max_images=max_images,
         )  # fmt: skip
-    return retrieval, zeroshot
+    for spec in cfg.eval_sets:
+        name, s = load_set(
+            spec, image_size, embedder, languages=cfg.eval_languages or None, max_images=max_images,
+            max_length=cfg.eval_max_length or None,
+        )  # fmt: skip
+        if name in sets:
+            raise ValueError(f"--eval-sets: two evaluation sets are named {name!r}")
+        sets[name] = s
+    return sets
 
 
 class PeriodicEval:
@@ -65,7 +83,7 @@ class PeriodicEval:
         """fresh_model: an unsharded model of the run's architecture (FSDP2 evaluation)."""
         self.cfg, self.dist, self.autocast, self.fresh_model = cfg, dist, autocast, fresh_model
         self.results: dict = {}
-        self.sets = (None, None)
+        self.sets: dict = {}
         if cfg.enabled and dist.is_main:
             self.sets = load_eval_sets(cfg, cache, image_size, dist.device)
 
@@ -85,9 +103,8 @@ class PeriodicEval:
                 eval_model.load_state_dict(state)
                 eval_model.to(self.dist.device)
         if self.dist.is_main:
-            retrieval, zeroshot = self.sets
             self.results = evaluate(
-                eval_model, retrieval, zeroshot, device=self.dist.device, autocast=self.autocast
+                eval_model, sets=self.sets, device=self.dist.device, autocast=self.autocast
             )
             print0(self.dist, format_table(self.results))
             log.write({"step": step, "eval": self.results})
