@@ -99,7 +99,7 @@ def test_init_vision_tower_equals_the_library_and_trains(data, tmp_path, source)
     model = build_model(cfg.model, cfg.loss.kind, spec())  # what the trainer builds from these flags
     assert model.visual.config.init_source == spec_text
     rope = source in ("timm", "eva_clip")
-    compare(lambda m, x: [m(x)], ref_fn, model.visual.eval(), ref, images(SIZE), fp32_tables=rope)
+    compare(lambda m, x: [m(x)], ref_fn, model.visual.eval(), ref, images(SIZE), fp32_parts=rope)
     metrics = main(args(data, tmp_path / "run", *flags, *extra))
     assert metrics["finished"] and all(torch.isfinite(torch.tensor(metrics["losses"])))
     final = ClipModel.load(tmp_path / "run" / "final")  # the tower is rebuilt from its recorded config

@@ -120,7 +120,7 @@ def test_siglip2_vision_round_trip(tmp_path, grid):
         out = m(**siglip2_inputs(x), output_hidden_states=True)
         return [out.pooler_output, *out.hidden_states]
 
-    compare(ours_all, hf_fn, ours, hf, images(grid * PATCH), fp32_tables=grid != 4)
+    compare(ours_all, hf_fn, ours, hf, images(grid * PATCH), fp32_parts=grid != 4)
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
@@ -243,7 +243,7 @@ def test_openclip_eva02_model_is_a_timm_trunk(tmp_path):
     trunk = ref.visual.trunk
     run = lambda m, x: hooked(m, [m.visual.trunk.norm_pre, *m.visual.trunk.blocks], lambda: m.encode_image(x))  # noqa: E731
     assert len(trunk.blocks) == ours.config.depth
-    compare(ours_all, run, ours, ref, images(), fp32_tables=True)
+    compare(ours_all, run, ours, ref, images(), fp32_parts=True)
 
 
 # --- timm ---------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def test_timm_round_trip(tmp_path, arch, kw, rope):
     ref, folder = timm_folder(tmp_path, arch, **kw)
     ours = load_timm_vision(folder, attn_backend="sdpa")
     assert ours.config.rope == rope and ours.config.depth == DEPTH
-    compare(ours_all, timm_all, ours, ref, images(), fp32_tables=rope)
+    compare(ours_all, timm_all, ours, ref, images(), fp32_parts=rope)
 
 
 def test_timm_weight_file_with_a_model_name_and_336_rope_scaling(tmp_path):
@@ -275,7 +275,7 @@ def test_timm_weight_file_with_a_model_name_and_336_rope_scaling(tmp_path):
     ref, folder = timm_folder(tmp_path, "eva02_large_patch14_clip_336", num_classes=48, img_size=64)
     ours, report = load_init_vision(f"timm:{folder / 'model.safetensors'}", config=str(folder), proj="keep")
     assert ours.config.rope_ref_grid == 16 and ours.config.grid_size == 8 and report.complete
-    compare(ours_all, timm_all, ours, ref, images(64), fp32_tables=True)
+    compare(ours_all, timm_all, ours, ref, images(64), fp32_parts=True)
     with pytest.raises(ValueError, match="no config.json beside the weights; give --init-vision-config"):
         load_init_vision(f"timm:{folder / 'model.safetensors'}")
 
@@ -327,7 +327,7 @@ def test_eva_clip_naming_from_the_weights_alone(tmp_path):
     assert (c.heads, c.rope_ref_grid, c.mlp, c.attn_norm, c.mlp_norm, c.k_bias, c.proj_bias) == (
         4, 16, "swiglu", True, True, False, True,
     )  # fmt: skip
-    compare(ours_all, timm_all, ours, ref, images(), fp32_tables=True)
+    compare(ours_all, timm_all, ours, ref, images(), fp32_parts=True)
 
 
 def test_eva_clip_with_its_model_config_and_a_wrong_config_is_caught(tmp_path):
@@ -342,7 +342,7 @@ def test_eva_clip_with_its_model_config_and_a_wrong_config_is_caught(tmp_path):
     ours, report = load_init_vision(f"eva_clip:{ckpt}", config=str(config), proj="keep")
     assert ours.config.hidden_dim == 170 and any("RoPE table verified" in n for n in report.notes)
     assert report.ignored == 2 + 6  # the text key, the logit scale; the RoPE buffers (checked, not loaded)
-    compare(lambda m, x: [m(x)], lambda m, x: [m(x)], ours.eval(), ref, images(), fp32_tables=True)
+    compare(lambda m, x: [m(x)], lambda m, x: [m(x)], ours.eval(), ref, images(), fp32_parts=True)
     config.write_text(json.dumps({"embed_dim": 48, "vision_cfg": {**vision, "head_width": 32}}))
     with pytest.raises(ValueError, match=r"RoPE table .* is not the one of heads=2"):
         load_init_vision(f"eva_clip:{ckpt}", config=str(config))

@@ -4,10 +4,11 @@ No pretrained tower exists offline, so every check starts from a randomly initia
 library itself (transformers, open_clip, timm; pretrained=False), every parameter perturbed (a swapped
 bias or LayerNorm would show), saved to disk in the library's own format.
 
-``compare``: fp64 first (the mapping must be exact: 1e-10; where the libraries compute a table in fp32
-even in an fp64 model, RoPE rotations and SigLIP2's resized positions, that check is bounded by fp32
-rounding, ~1e-7 relative, so it uses 1e-6 relative), then fp32 with the tolerance from the reference's own
-fp32 error: max|ours - ref64| <= 2 max|ref32 - ref64| + 1e-6.
+``compare``: fp64 first (the mapping must be exact: 1e-10; where part of one side stays fp32 even in an
+fp64 model - the RoPE tables of timm and of ours, SigLIP2's resized positions, an exported projection
+composed in fp64 and stored in fp32 - that check is bounded by fp32 rounding, ~1e-7 relative, so it uses
+1e-6 relative: fp32_parts=True), then fp32 with the tolerance from the reference's own fp32 error:
+max|ours - ref64| <= 2 max|ref32 - ref64| + 1e-6.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def report(name: str, out: torch.Tensor, ref: torch.Tensor) -> float:
     return d.max().item()
 
 
-def compare(ours_fn, ref_fn, ours, ref, x, fp32_tables: bool = False) -> None:
+def compare(ours_fn, ref_fn, ours, ref, x, fp32_parts: bool = False) -> None:
     """ours_fn(model, x) and ref_fn(model, x) return lists of tensors (pooled features, every block's
     output ...) in the same order; see the module docstring for the tolerances."""
     with torch.no_grad():
@@ -47,7 +48,7 @@ def compare(ours_fn, ref_fn, ours, ref, x, fp32_tables: bool = False) -> None:
         ours64 = ours_fn(ours.double(), x.double())
         assert len(ours64) == len(ref64)
         for i, (o, r) in enumerate(zip(ours64, ref64)):
-            tol = 1e-6 * max(1.0, r.abs().max().item()) if fp32_tables else 1e-10
+            tol = 1e-6 * max(1.0, r.abs().max().item()) if fp32_parts else 1e-10
             assert report(f"fp64 output {i}", o, r) <= tol
         ref32 = ref_fn(ref.float(), x)
         ours32 = ours_fn(ours.float(), x)

@@ -72,7 +72,7 @@ def _qk_rope(t: Tensor, cfg: ViTConfig, inverse: bool) -> Tensor:
 
 def _split_qv_bias(t: Tensor, cfg: ViTConfig, rope: bool) -> list[Tensor]:
     q, k, v = (_qk_rope(t, cfg, inverse=True) if rope else t).chunk(3)
-    if torch.count_nonzero(k):
+    if cfg.k_bias and torch.count_nonzero(k):  # with k_bias=False the k third is masked out: unused
         raise ExportError(
             "the tower's attention has a nonzero k bias (ViTConfig.k_bias=True), which this format "
             "cannot hold (q and v biases only)"

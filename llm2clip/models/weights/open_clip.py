@@ -226,14 +226,14 @@ def plan_openclip(
 def openclip_config_from_vit(cfg: ViTConfig, embed_dim: int) -> dict:
     """open_clip_config.json for a tower open_clip's VisionTransformer can hold; ExportError naming the
     option otherwise."""
-    off = dict(rope=False, mlp="mlp", mlp_norm=False, attn_norm=False, patch_bias=False, proj_bias=False,
-               class_token=True, pos_embed=True, qkv_bias=True, in_chans=3)  # fmt: skip
-    for name, ok in off.items():
-        if getattr(cfg, name) != ok:
-            raise ExportError(f"--format open_clip cannot express ViTConfig.{name}={getattr(cfg, name)!r}")
+    off = dict(class_token=True, pos_embed=True, rope=False, mlp="mlp", mlp_norm=False, attn_norm=False,
+               qkv_bias=True, patch_bias=False, proj_bias=False, in_chans=3)  # fmt: skip
     if cfg.pool == "map" or cfg.act == "gelu_tanh":
         bad = "pool='map'" if cfg.pool == "map" else "act='gelu_tanh'"
         raise ExportError(f"--format open_clip: open_clip's VisionTransformer has no ViTConfig.{bad}")
+    for name, ok in off.items():
+        if getattr(cfg, name) != ok:
+            raise ExportError(f"--format open_clip cannot express ViTConfig.{name}={getattr(cfg, name)!r}")
     vision = dict(
         image_size=cfg.image_size, layers=cfg.depth, width=cfg.width, head_width=cfg.head_dim,
         mlp_ratio=mlp_ratio(cfg.width, cfg.hidden_dim), patch_size=cfg.patch_size, no_ln_pre=not cfg.pre_norm,
@@ -251,13 +251,22 @@ def openclip_config_from_vit(cfg: ViTConfig, embed_dim: int) -> dict:
 
 
 def export_open_clip(
-    tower_sd: Mapping[str, Tensor], cfg: ViTConfig, projection: Tensor, out: str | Path
+    tower_sd: Mapping[str, Tensor],
+    cfg: ViTConfig,
+    projection: Tensor,
+    out: str | Path,
+    bias: Tensor | None = None,
 ) -> str:
     """Write open_clip_config.json + open_clip_visual.safetensors (model.visual's state dict; the
     projection is the whole map into the shared space). Load with
     ``open_clip.create_model('local-dir:OUT', load_weights=False, pretrained_image_path=OUT/VISUAL_FILE)``
     (the text tower in the config is a placeholder: LLM2CLIP's text side is the LLM and the adapter)."""
     config = openclip_config_from_vit(cfg, projection.shape[0])
+    if bias is not None and bias.count_nonzero():
+        raise ExportError(
+            "--format open_clip: the map into the shared space has a bias (a kept tower head with a bias, "
+            "--init-vision-proj keep), which open_clip's proj cannot hold: use --format timm"
+        )
     sd = {k: v for k, v in tower_sd.items() if not k.startswith("proj.")}
     cfg = dataclasses.replace(cfg, output_dim=projection.shape[0], proj_bias=False)
     theirs = OPENCLIP_KEYMAP.to_theirs({**sd, "proj.weight": projection}, cfg)

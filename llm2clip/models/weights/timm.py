@@ -313,22 +313,20 @@ def _model_args(cfg: ViTConfig, eva: bool) -> dict:
         img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.width,
         depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=mlp_ratio(cfg.width, cfg.hidden_dim),
         qkv_bias=cfg.qkv_bias, class_token=cfg.class_token, num_classes=cfg.output_dim or 0,
-        global_pool={"cls": "token", "map": "map", "mean": "avg"}[cfg.pool], use_fc_norm=False,
+        global_pool={"cls": "token", "map": "map", "mean": "avg"}[cfg.pool],
     )  # fmt: skip
     if eva:
         args.update(
-            qkv_fused=False, swiglu_mlp=cfg.mlp == "swiglu", swiglu_align_to=1, scale_mlp=cfg.mlp_norm,
-            scale_attn_inner=cfg.attn_norm, use_rot_pos_emb=cfg.rope, rope_temperature=cfg.rope_theta,
-            ref_feat_shape=cfg.rope_ref_grid, use_abs_pos_emb=cfg.pos_embed,
+            use_fc_norm=False, qkv_fused=False, swiglu_mlp=cfg.mlp == "swiglu", swiglu_align_to=1,
+            scale_mlp=cfg.mlp_norm, scale_attn_inner=cfg.attn_norm, use_rot_pos_emb=cfg.rope,
+            rope_temperature=cfg.rope_theta, ref_feat_shape=cfg.rope_ref_grid, use_abs_pos_emb=cfg.pos_embed,
             use_pre_transformer_norm=cfg.pre_norm,
         )  # fmt: skip
     else:
         args.update(
-            pre_norm=cfg.pre_norm,
-            act_layer=cfg.act,
-            scale_attn_norm=cfg.attn_norm,
+            fc_norm=False, pre_norm=cfg.pre_norm, act_layer=cfg.act, scale_attn_norm=cfg.attn_norm,
             scale_mlp_norm=cfg.mlp_norm,
-        )
+        )  # fmt: skip
     return args
 
 
@@ -397,7 +395,10 @@ def export_timm(
     else:
         arch = "vit_base_patch16_clip_224" if cfg.ln_eps == 1e-5 else "vit_base_patch16_siglip_224"
     theirs = (eva_keymap() if eva else vit_keymap()).to_theirs(sd, cfg)
-    model = timm.create_model(arch, pretrained=False, **_model_args(cfg, eva))
+    data = dict(
+        mean=tuple(cfg.image_mean), std=tuple(cfg.image_std), input_size=(3, cfg.image_size, cfg.image_size)
+    )
+    model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=data, **_model_args(cfg, eva))
     missing, unexpected = model.load_state_dict(theirs, strict=False)
     missing = [k for k in missing if not k.endswith("k_bias")]
     if missing or unexpected:
