@@ -214,8 +214,9 @@ def _recipe(info: BundleInfo, llm) -> TextRecipe:
     raw = dict(info.recipe or {})
     if not raw:
         raise UsageError(
-            f"{info.path} records no LLM recipe (its training cache had no extraction summary): "
-            "pass text_cache= (a cache of the same LLM) or load_llm=False"
+            f"{info.path} records no LLM recipe (its training cache had no extraction summary): pass "
+            "text_cache= (a cache of the same spec; llm2clip.eval: --eval-cache or --embed-like) "
+            "or load_llm=False"
         )
     model = Path(llm if llm is not None else raw["model"])
     if not model.exists():
