@@ -92,7 +92,8 @@ def _pretrained_tower(cfg: ModelConfig, log: Callable[[str], None]):
     log(f"--init-vision {cfg.init_vision}: {report.summary()}")
     if cfg.vision:
         preset = ViTConfig.preset(cfg.vision, **{k: v for k, v in kw.items() if k == "image_size"})
-        diff = [f"{k} {getattr(tower.config, k)!r} vs {getattr(preset, k)!r}" for k in _SHAPE
+        fields = _SHAPE + (("act",) if preset.mlp == "mlp" else ())  # OpenAI towers: QuickGELU
+        diff = [f"{k} {getattr(tower.config, k)!r} vs {getattr(preset, k)!r}" for k in fields
                 if getattr(tower.config, k) != getattr(preset, k)]  # fmt: skip
         if diff:
             raise ValueError(

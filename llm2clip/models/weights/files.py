@@ -9,7 +9,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["WEIGHT_FILES", "find_weights", "read_json", "read_safetensors_folder", "read_state_dict"]
+__all__ = [
+    "OPENCLIP_FILES",
+    "WEIGHT_FILES",
+    "find_weights",
+    "read_json",
+    "read_safetensors_folder",
+    "read_state_dict",
+]
 
 # Preferred weight files inside a model folder (transformers, open_clip, timm hub layouts), first found wins.
 WEIGHT_FILES = (
@@ -46,13 +53,20 @@ def read_safetensors_folder(path: str | Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def find_weights(folder: str | Path, what: str) -> Path:
-    """The weight file of a model folder (WEIGHT_FILES order)."""
+# open_clip's files first: a hub folder may hold both open_clip's weights and timm's model.safetensors.
+OPENCLIP_FILES = (
+    "open_clip_model.safetensors", "open_clip_visual.safetensors", "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth", *WEIGHT_FILES,
+)  # fmt: skip
+
+
+def find_weights(folder: str | Path, what: str, prefer: tuple[str, ...] = WEIGHT_FILES) -> Path:
+    """The weight file of a model folder (the first of `prefer` found)."""
     folder = Path(folder)
-    for name in WEIGHT_FILES:
+    for name in prefer:
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"{what}: no weights in {folder} (looked for {', '.join(WEIGHT_FILES)})")
+    raise FileNotFoundError(f"{what}: no weights in {folder} (looked for {', '.join(prefer)})")
 
 
 def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:

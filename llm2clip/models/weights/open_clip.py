@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from llm2clip.models.vit import CLIP_MEAN, CLIP_STD, ViTConfig
-from llm2clip.models.weights.files import read_json, read_state_dict
+from llm2clip.models.weights.files import OPENCLIP_FILES, find_weights, read_json, read_state_dict
 from llm2clip.models.weights.keymap import (
     ExportError,
     KeyMap,
@@ -200,7 +200,9 @@ def plan_openclip(
     mapping = isinstance(source, Mapping)
     where = "open_clip state dict" if mapping else f"--init-vision open_clip:{source}"
     folder = None if mapping else Path(source) if Path(source).is_dir() else Path(source).parent
-    sd = read_state_dict(source)
+    sd = read_state_dict(
+        find_weights(folder, where, OPENCLIP_FILES) if not mapping and folder == Path(source) else source
+    )
     model_cfg = _find_config(folder, config)
     report = LoadReport("open_clip" if mapping else f"open_clip:{source}")
     vision_cfg = (model_cfg or {}).get("model_cfg", model_cfg or {}).get("vision_cfg") or {}
