@@ -27,7 +27,7 @@ accumulator), every autotune config.
 
     python bench/kernel_resources.py                      # everything (~300 compiles), table + JSON
     python bench/kernel_resources.py --paths main --dtypes bf16,fp16 --no-cuda-ext --fail-on-spill
-    python bench/kernel_resources.py --first-config       # every variant compiles (one config each)
+    python bench/kernel_resources.py --first-config       # every variant compiles (its smallest config)
 
 Writes kernel_resources-<time>.json and .md into --out (default bench/results/); prints the table.
 Exit status 1 when a main-path config spills or does not fit (with --fail-on-spill), or when a
@@ -198,6 +198,14 @@ class Task:
     used_by: list = dataclasses.field(default_factory=list)
 
 
+def _tile_size(cfg) -> int:
+    """Elements of a config's tiles (the smallest compiles fastest)."""
+    size = 1
+    for k in ("BM", "BN", "BK"):
+        size *= cfg.kwargs.get(k, 128)
+    return size * cfg.num_stages
+
+
 def _config_label(cfg) -> str:
     tiles = "x".join(str(cfg.kwargs[k]) for k in ("BM", "BN", "BK") if k in cfg.kwargs)
     return f"{tiles} w{cfg.num_warps} s{cfg.num_stages}"
@@ -212,7 +220,12 @@ def collect_tasks(vs, batches, dim, first_config: bool, kernels=None) -> list[Ta
             if kernels and name not in kernels:
                 continue
             fn, configs = K.KERNELS[name][0], K.KERNELS[name][1]
-            for ci, cfg in enumerate(configs[:1] if first_config else configs):
+            picked = (
+                [min(range(len(configs)), key=lambda i: _tile_size(configs[i]))] if first_config else None
+            )
+            for ci, cfg in enumerate(configs):
+                if picked is not None and ci not in picked:
+                    continue
                 sig, consts, attrs = specialization(fn, args, flags, cfg)
                 key = (
                     name,
@@ -501,7 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="all variants (default), the main paths only (see the module docstring), or the others",
     )
     p.add_argument(
-        "--first-config", action="store_true", help="one autotune config per kernel (a compile check)"
+        "--first-config",
+        action="store_true",
+        help="one autotune config per kernel, the smallest tiles (a compile check)",
     )
     p.add_argument(
         "--kernels",

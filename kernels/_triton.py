@@ -270,28 +270,33 @@ def _grad_logits_kernel(
         BM, BN, BK, DOT_FP32, PRECISION,
     )  # fmt: skip
     x = acc * s + beta
-    # Tile-relative positions: 32-bit compares against the column offsets.
-    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
-    is_pos = offs_n[None, :] == (pos - n0)[:, None]
+    # Tile-relative column of each row's positive (32-bit compares), -1 when it is not one of
+    # this tile's columns. Entries outside the superblock or masked by the groups get logit -inf
+    # (so dS = 0 there with no mask applied afterwards).
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1).to(tl.int32) - n0
+    is_pos = offs_n[None, :] == tl.where(pos < c1 - n0, pos, -1)[:, None]
     valid = row_ok[:, None] & col_ok[None, :]
     if HAS_GROUPS:
         grp_row = tl.load(row_grp_ptr + rows, mask=row_ok, other=0)
         grp_col = tl.load(col_grp_ptr + cols, mask=col_ok, other=0)
         valid = valid & ((grp_col[None, :] != grp_row[:, None]) | is_pos)
+    x = tl.where(valid, x, float("-inf"))
     coef_r = tl.load(row_vecs + 2 * b + rows, mask=row_ok, other=0.0)
     if SIGMOID:
         z = tl.where(is_pos, 1.0, -1.0)
-        ds = coef_r[:, None] * (-z) * _sigmoid(-z * x)
+        ds = coef_r[:, None] * (-z) * _sigmoid(-z * x)  # sigmoid(-inf) = 0 off the positive
     else:
         # Off the positive: the two softmaxes; on it, the value formed on the host from 1 - P
         # (the negatives' sums, exact when P -> 1): contrastive_loss.infonce_from_stats.
-        lse_r = tl.load(row_vecs + rows, mask=row_ok, other=0.0)
+        lse_r = tl.load(row_vecs + rows, mask=row_ok, other=float("inf"))
         on_r = tl.load(row_vecs + b + rows, mask=row_ok, other=0.0)
-        lse_c = tl.load(col_vecs + cols, mask=col_ok, other=0.0)
+        lse_c = tl.load(col_vecs + cols, mask=col_ok, other=float("inf"))
+        # A column whose every entry is masked out has lse -inf; +inf keeps its exps 0, not NaN.
+        lse_c = tl.where(lse_c == float("-inf"), float("inf"), lse_c)
         coef_c = tl.load(col_vecs + 2 * B + cols, mask=col_ok, other=0.0)
         off = coef_r[:, None] * tl.exp(x - lse_r[:, None]) + coef_c[None, :] * tl.exp(x - lse_c[None, :])
         ds = tl.where(is_pos, on_r[:, None], off)
-    ds = tl.where(valid, ds, 0.0) * g
+    ds = ds * g
     w_ptr = WS + (rows - r0).to(tl.int64)[:, None] * stride_w0 + (cols - c0)[None, :] * stride_w1
     tl.store(w_ptr, (ds * s).to(WS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     # The scale and bias gradients are sums of terms of both signs that cancel; fp64 partials keep

@@ -3,9 +3,10 @@
 Run by tests/test_triton_compile.py in a subprocess without TRITON_INTERPRET. It covers the
 variants that tests/test_kernel_resources.py does not (every dtype and flag combination outside
 the bf16/fp16 main paths: fp32 inputs, InfoNCE with a bias, the sigmoid loss without one), one
-autotune config per kernel, through bench/kernel_resources.py: the launches are recorded from the
-real host launchers and specialised as Triton's JIT specialises them. Fails if a kernel does not
-compile, or if a 16-bit kernel's tile product does not use wgmma.
+autotune config per kernel (its smallest tiles, the fastest to compile), through
+bench/kernel_resources.py: the launches are recorded from the real host launchers and specialised
+as Triton's JIT specialises them. Fails if a kernel does not compile, or if a 16-bit kernel's tile
+product does not use wgmma.
 """
 
 import json
