@@ -32,7 +32,7 @@ TOWERS = {
 def checkpoint(root, tower: str, **kw):
     """A saved stage-2 model around a tiny tower; returns (model, folder)."""
     spec = dict(TOWERS[tower])
-    cfg = ViTConfig.preset(spec.pop("name"), **{**TINY, **spec, **kw})
+    cfg = ViTConfig.preset(spec.pop("name"), **{**TINY, **spec, "init_source": "test:tower", **kw})
     torch.manual_seed(0)
     adapter = AdapterConfig(input_dim=24, embed_dim=16, depth=1)
     model = ClipModel(ViT(cfg), ClipModelConfig(embed_dim=16, adapter=adapter))
@@ -49,7 +49,7 @@ def features(model, x):
 def export(ckpt, fmt, out):
     main(["--checkpoint", str(ckpt), "--format", fmt, "--out", str(out)])
     info = json.loads((out / "llm2clip_export.json").read_text())
-    assert info["format"] == fmt and info["embed_dim"] == 16
+    assert info["format"] == fmt and info["embed_dim"] == 16 and info["init_source"] == "test:tower"
     return out
 
 
@@ -118,6 +118,9 @@ def test_hf_siglip_export(tmp_path):
         return [o.pooler_output @ proj.to(o.pooler_output.dtype).T, *o.hidden_states]
 
     compare(hf_fn, features, hf, model.eval(), images())
+    back, _ = load_init_vision(f"hf:{out}", overrides={"attn_backend": "sdpa"})  # the tower, then ours
+    projected = lambda m, x: [(lambda y: y @ proj.to(y.dtype).T)(m(x))]  # noqa: E731
+    compare(projected, lambda m, x: features(m, x)[:1], back, model, images())
 
 
 def test_open_clip_export_loads_with_open_clip_alone(tmp_path):

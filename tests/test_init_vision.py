@@ -18,13 +18,14 @@ from llm2clip.apps.train import main, parse_config
 from llm2clip.cli import UsageError
 from llm2clip.models.clip_model import ClipModel
 from llm2clip.training.model import build_model
-from llm2clip.training.recipes import RECIPES, check_cache, resolve_batch
+from llm2clip.training.recipes import RECIPES, check_cache, describe, resolve_batch
 from tests.tower_fixtures import (
     compare,
     eva_clip_state_dict,
     images,
     openclip_all,
     openclip_folder,
+    ours_all,
     perturbed,
     timm_all,
     timm_folder,
@@ -58,19 +59,24 @@ def _hf(root):
     )  # fmt: skip
     model = perturbed(transformers.CLIPVisionModelWithProjection(cfg))
     model.save_pretrained(root)
-    return model, f"hf:{root}", lambda m, x: [m(pixel_values=x).image_embeds], []
+
+    def run(m, x):
+        out = m(pixel_values=x, output_hidden_states=True)
+        return [out.image_embeds, *out.hidden_states]
+
+    return model, f"hf:{root}", run, []
 
 
 def _open_clip(root):
     vision = dict(image_size=SIZE, layers=2, width=WIDTH, head_width=16, mlp_ratio=1.5, patch_size=PATCH)
     model, folder = openclip_folder(root, vision, quick_gelu=True, embed_dim=24)
-    return model, f"open_clip:{folder}", lambda m, x: openclip_all(m, x)[:1], []
+    return model, f"open_clip:{folder}", openclip_all, []
 
 
 def _timm(root):
     kw = dict(embed_dim=WIDTH, num_heads=HEADS, img_size=SIZE, num_classes=24)
     model, folder = timm_folder(root, "eva02_large_patch14_clip_224", **kw)
-    return model, f"timm:{folder}", lambda m, x: timm_all(m, x)[:1], []
+    return model, f"timm:{folder}", timm_all, []
 
 
 def _eva_clip(root):
@@ -78,7 +84,7 @@ def _eva_clip(root):
     model, _ = timm_folder(root, "eva02_large_patch14_clip_224", **kw)
     ckpt = root / "EVA02_CLIP_tiny.pt"
     torch.save(eva_clip_state_dict(model.state_dict(), head_dim=16, pt=16, grid=SIZE // PATCH, depth=2), ckpt)
-    return model, f"eva_clip:{ckpt}", lambda m, x: [m(x)], []
+    return model, f"eva_clip:{ckpt}", timm_all, []
 
 
 SOURCES = {"hf": _hf, "open_clip": _open_clip, "timm": _timm, "eva_clip": _eva_clip}
@@ -99,7 +105,7 @@ def test_init_vision_tower_equals_the_library_and_trains(data, tmp_path, source)
     model = build_model(cfg.model, cfg.loss.kind, spec())  # what the trainer builds from these flags
     assert model.visual.config.init_source == spec_text
     rope = source in ("timm", "eva_clip")
-    compare(lambda m, x: [m(x)], ref_fn, model.visual.eval(), ref, images(SIZE), fp32_parts=rope)
+    compare(ours_all, ref_fn, model.visual.eval(), ref, images(SIZE), fp32_parts=rope)  # every block
     metrics = main(args(data, tmp_path / "run", *flags, *extra))
     assert metrics["finished"] and all(torch.isfinite(torch.tensor(metrics["losses"])))
     final = ClipModel.load(tmp_path / "run" / "final")  # the tower is rebuilt from its recorded config
@@ -172,6 +178,8 @@ def test_recipe_sets_values_records_sources_and_yields_to_flags(data, tmp_path):
     assert prov["optim.epochs"] == {"value": 10, "source": "command line (recipe llm2clip: 4)"}
     assert prov["optim.lr"]["source"].startswith("recipe llm2clip: paper")
     assert cfg.recipe.global_batch_size == 4096 and cfg.recipe.expect_pooling == "mean"
+    shown = describe(cfg)
+    assert "  --loss 'infonce'  <- recipe llm2clip:" in shown and "  --epochs 10  <- command line" in shown
     # The global batch becomes the per-rank batch once the world size is known.
     assert resolve_batch(cfg, 8).data.batch_size == 512
     with pytest.raises(ValueError, match="--global-batch-size 4096 does not divide over 3 ranks"):

@@ -74,10 +74,6 @@ RECIPES: dict[str, dict[str, Setting]] = {
 RECIPE_NAMES = tuple(RECIPES)
 
 
-def _flag(dest: str) -> str:
-    return "--" + dest.rpartition(".")[2].replace("_", "-")
-
-
 def given_dests(config_cls: type, argv: Sequence[str]) -> set[str]:
     """The config fields (dotted paths) that argv sets explicitly."""
     from llm2clip.cli import build_parser
@@ -158,10 +154,15 @@ def check_cache(cfg, spec, cache_path: str) -> None:
 
 def describe(cfg) -> str:
     """One line per value of the recipe: flag, value, source."""
+    from llm2clip.cli import build_parser
+
     rc = cfg.recipe
     if not rc.provenance:
         return ""
+    flags = {
+        a.dest: a.option_strings[0] for a in build_parser(type(cfg), "", "")._actions if a.option_strings
+    }
     lines = [f"recipe {rc.recipe}:"]
     for dest, entry in sorted(rc.provenance.items()):
-        lines.append(f"  {_flag(dest)} {entry['value']!r}  <- {entry['source']}")
+        lines.append(f"  {flags.get(dest, dest)} {entry['value']!r}  <- {entry['source']}")
     return "\n".join(lines)
