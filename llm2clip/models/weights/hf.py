@@ -291,15 +291,18 @@ def export_hf(
     """Write a transformers folder: CLIPVisionModelWithProjection (projection = the whole map into the
     shared space) or SiglipVisionModel (+ llm2clip_projection.safetensors), with an image processor
     config. Returns the class name written."""
-    import transformers
-    from safetensors.torch import save_file
-
-    family = hf_export_family(cfg)
+    family = hf_export_family(cfg)  # refusals first: they need no transformers
     if bias is not None and family == "clip" and torch.count_nonzero(bias):
         raise ExportError(
             "--format hf: the map into the shared space has a bias (a kept tower head with a bias, "
             "--init-vision-proj keep), which CLIP's visual_projection cannot hold: use --format timm"
         )
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("--format hf writes with transformers: pip install transformers") from None
+    from safetensors.torch import save_file
+
     sd = {k: v for k, v in tower_sd.items() if not k.startswith("proj.")}
     out = Path(out)
     if family == "clip":

@@ -152,8 +152,9 @@ def _find_config(folder: Path | None, config: str | Mapping | None) -> dict | No
         try:
             import open_clip
         except ImportError:
-            raise ImportError(
-                f"--init-vision-config {config}: a model name needs open_clip installed"
+            raise ValueError(
+                f"--init-vision-config {config}: an open_clip model name needs open_clip "
+                "(pip install open-clip-torch)"
             ) from None
         found = open_clip.get_model_config(config)
         if found is None:

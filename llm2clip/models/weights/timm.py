@@ -260,7 +260,7 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise ImportError("timm towers: the architecture is read with timm: pip install timm") from None
+        raise ValueError("timm towers are read and written with timm: pip install timm") from None
     return timm
 
 
@@ -380,10 +380,10 @@ def export_timm(
     """Write a timm folder (config.json with architecture + model_args, model.safetensors) that
     ``timm.create_model('local-dir:OUT', pretrained=True)`` rebuilds; the head (Linear, zero bias) is
     the whole map into the shared space. Returns what was written."""
+    eva = timm_export_kind(cfg) == "Eva"  # refusals first: they need no timm
     timm = _timm()
     from timm.models import save_for_hf
 
-    eva = timm_export_kind(cfg) == "Eva"
     sd = {k: v for k, v in tower_sd.items() if not k.startswith("proj.")}
     sd["proj.weight"] = projection
     if bias is not None:
