@@ -379,8 +379,8 @@ class RecipeConfig:
 
     recipe: str | None = _f(
         None,
-        "Use a published setup's hyperparameters (docs/recipes.md); a flag given here overrides its value, "
-        "and config.json records where each value came from.",
+        "Use a published setup's hyperparameters (docs/recipes.md); any of its flags given on the command "
+        "line wins, and config.json records where each value came from.",
         choices=RECIPE_NAMES,
     )
     global_batch_size: int = _f(
