@@ -1,34 +1,30 @@
 """Data path throughput: shard reading, and decoded + augmented samples/s per worker at 224 px.
 
-What runs (one process, one torch thread: what one DataLoader worker does):
+One process, one torch thread: what one DataLoader worker does.
 
 - ``read``: the tar walk of llm2clip.data.shards on a page-cached local shard of realistic JPEGs
-  (full read, a quarter of the images as a worker of 4 reads them, the header-only sample count),
-  beside webdataset's own streaming ``tar_file_iterator`` (full read, a quarter through its
-  member selection) and the same shard streamed through ``pipe:cat`` (our URL path).
-- ``decode``: per sample, what ShardImageDataset does to an image (decode, random-resized crop
-  with scale (0.9, 1.0) to 224 x 224 bicubic, uint8 tensor), for each decode path:
-      pil     decode the whole JPEG, crop + resample (the path before draft mode)
-      draft   the same crop box, the JPEG decoded at 1/2-1/8 scale by libjpeg first (PIL draft)
-      nvjpeg  torchvision.io.decode_jpeg(device="cuda") on batches of 256, crop + resize on the
-              GPU (only with CUDA and torchvision; images/s of the whole batch path)
-  plus the pixel difference draft vs pil (mean |diff|, PSNR, max |diff|) over the same crops.
+  (full read, the quarter of the images a worker of 4 reads, the header-only count), beside
+  webdataset's streaming ``tar_file_iterator`` (full, a quarter through its member selection) and
+  the shard streamed through ``pipe:cat`` (the URL path). Best of --repeats.
+- ``decode``: per sample, what ShardImageDataset does (decode, random-resized crop with scale
+  (0.9, 1.0) to 224 x 224 bicubic, uint8 tensor) for each decode path: ``pil`` (the whole JPEG,
+  then crop + resample), ``draft`` (the same box, the JPEG decoded at 1/2-1/8 scale by libjpeg
+  first) and, with CUDA and torchvision, ``nvjpeg`` (torchvision.io.decode_jpeg(device="cuda") on
+  batches of 256, crop + resize on the GPU); plus the pixel difference draft vs pil.
 
 Images: photographs (matplotlib's grace_hopper.jpg and, when installed, the Tux Paint stamp
-photos), randomly cropped and re-encoded as JPEG (quality 90) with the shorter side at each
---sizes value (img2dataset's keep_ratio resize: 512 is the common choice for CC3M/CC12M).
+photos) randomly cropped and re-encoded as JPEG (quality 90) with the shorter side at each --sizes
+value (img2dataset's keep_ratio resize; 512 is the common choice for CC3M/CC12M). Target (issue
+#16): draft >= 2x pil samples/s per core at 224 px from 512 px JPEGs.
 
     python bench/data_throughput.py                 # read + decode at shorter sides 400,512,600
     python bench/data_throughput.py --quick         # fewer images, ~30 s
-    python bench/data_throughput.py --only decode --sizes 512
-
-Writes a table to stdout and data_throughput-<device>-<time>.json into --out.
-Target (issue #16): draft >= 2x pil samples/s per core at 224 px from ~500 px JPEGs.
+    python bench/data_throughput.py --only decode --sizes 512 --quick    # the GPU check
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import glob
 import io
 import os
@@ -36,12 +32,23 @@ import random
 import statistics
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
-if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as bench/data_throughput.py
-    sys.path.append(str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as bench/data_throughput.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
+
+TARGET_SIZE, TARGET_SPEEDUP = 512, 2.0  # draft >= 2x pil per core from 512 px JPEGs
+QUICK = {"images": 60, "read_samples": 300, "repeats": 3}
+# fmt: off
+OPTIONS = [
+    ("--only", ("read", "decode"), None, "one part only (default both)"),
+    ("--sizes", common.int_list, (400, 512, 600), "JPEG shorter sides (default 400,512,600)"),
+    ("--images", int, 200, "JPEGs per size (decode; --quick 60)"),
+    ("--read-samples", int, 1000, "samples in the read benchmark's shard (--quick 300)"),
+]
+# fmt: on
 
 
 def photographs(limit: int = 40) -> list:
@@ -49,17 +56,14 @@ def photographs(limit: int = 40) -> list:
     from PIL import Image
 
     paths = []
-    try:
+    with contextlib.suppress(ImportError):
         import matplotlib
 
         paths.append(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg"))
-    except ImportError:
-        pass
     stamps = sorted(glob.glob("/usr/share/tuxpaint/stamps/**/*.png", recursive=True))
     random.Random(0).shuffle(stamps)
-    paths += stamps[:limit]
     out = []
-    for p in paths:
+    for p in paths + stamps[:limit]:
         try:
             img = Image.open(p)
             img.load()
@@ -67,12 +71,11 @@ def photographs(limit: int = 40) -> list:
             continue
         if img.mode in ("RGBA", "LA", "P"):
             rgba = img.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(bg, rgba)
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         if min(img.size) >= 200:
             out.append(img.convert("RGB"))
     if not out:
-        raise SystemExit("no photograph found: pip install matplotlib (grace_hopper.jpg)")
+        raise RuntimeError("no photograph found: pip install matplotlib (grace_hopper.jpg)")
     return out
 
 
@@ -99,64 +102,60 @@ def make_jpegs(n: int, short_side: int, seed: int = 0) -> list[bytes]:
 
 def rate(fn, items: int, repeats: int) -> float:
     """Best items/s over `repeats` runs of fn() (the machine's least disturbed run)."""
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return items / best
+    return items / min(common.timings(fn, repeats, warm=False))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread, as in a DataLoader worker; the caller's count restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------- read
 
 
-def bench_read(args) -> list[dict]:
+def read_cases(args, tmp: str):
     from webdataset.tariterators import tar_file_iterator
 
     from llm2clip.data.shards import count_samples, walk_samples, write_shard
 
-    jpegs = make_jpegs(args.read_samples, 512)
-    tmp = tempfile.mkdtemp(prefix="data_throughput-")
     path = os.path.join(tmp, "00000.tar")
-    samples = [
-        {"__key__": f"{i:09d}", "jpg": d, "txt": f"caption {i}", "json": "{}"} for i, d in enumerate(jpegs)
-    ]
-    write_shard(path, samples)
-    mb = os.path.getsize(path) / 1e6
-    n = len(samples)
-    quarter = lambda i, f: i % 4 == 0 and f == "jpg"  # noqa: E731
+    jpegs = make_jpegs(args.read_samples, 512)
+    write_shard(
+        path,
+        [{"__key__": f"{i:09d}", "jpg": d, "txt": f"caption {i}", "json": "{}"} for i, d in enumerate(jpegs)],
+    )
+
+    def wds(select):
+        with open(path, "rb") as f:
+            return sum(1 for _ in tar_file_iterator(f, select_files=select))
+
+    quarter = lambda i, f: i % 4 == 0 and f == "jpg"
+    wds_quarter = lambda name: name.endswith(".jpg") and int(name[:9]) % 4 == 0
     cases = {
         "ours: full read": lambda: sum(1 for _ in walk_samples(path)),
         "ours: 1/4 of the images": lambda: sum(1 for _ in walk_samples(path, quarter)),
         "ours: count (headers)": lambda: count_samples([path]),
         "ours: pipe:cat full read": lambda: sum(1 for _ in walk_samples(f"pipe:cat {path}")),
-        "webdataset tar_file_iterator: full": lambda: _wds_walk(tar_file_iterator, path, None),
-        "webdataset tar_file_iterator: 1/4": lambda: _wds_walk(
-            tar_file_iterator, path, lambda name: name.endswith(".jpg") and int(name[:9]) % 4 == 0
-        ),
+        "webdataset tar_file_iterator: full": partial(wds, None),
+        "webdataset tar_file_iterator: 1/4": partial(wds, wds_quarter),
     }
-    rows = []
-    full = None
+    mb, n = os.path.getsize(path) / 1e6, len(jpegs)
     for name, fn in cases.items():
-        fn()  # page cache warm
-        r = rate(fn, n, args.repeats)
-        full = full or r
-        rows.append(
-            {"case": name, "samples_per_s": r, "ms_per_shard": n / r * 1e3, "vs_full": full / r, "mb": mb}
-        )
-    for f in os.listdir(tmp):
-        os.remove(os.path.join(tmp, f))
-    os.rmdir(tmp)
-    print(f"\nread: one local shard, {n} samples, {mb:.1f} MB (page-cached), best of {args.repeats}")
-    print(f"{'case':40} {'ms/shard':>9} {'samples/s':>10} {'x full':>7}")
-    for r in rows:
-        print(f"{r['case']:40} {r['ms_per_shard']:9.1f} {r['samples_per_s']:10.0f} {r['vs_full']:7.2f}")
-    return rows
 
+        def measure(fn=fn):
+            fn()  # page cache warm
+            r = rate(fn, n, args.repeats)
+            return {"samples_per_s": r, "ms_per_shard": n / r * 1e3, "mb": mb}
 
-def _wds_walk(tar_file_iterator, path, select):
-    with open(path, "rb") as f:
-        return sum(1 for _ in tar_file_iterator(f, select_files=select))
+        yield common.Case({"part": "read", "case": name}, measure)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -189,61 +188,36 @@ def pixel_difference(jpegs: list[bytes], size: int) -> dict:
     }
 
 
-def bench_decode(args) -> list[dict]:
-    import torch
-
+def decode_rates(jpegs: list[bytes], repeats: int) -> dict:
+    """Best samples/s of one worker (one thread) on the pil and draft paths."""
     from llm2clip.data.images import decode_image, train_transform
 
-    torch.set_num_threads(1)
     tf = train_transform(224)
-    rows = []
-    for side in args.sizes:
-        jpegs = make_jpegs(args.images, side, seed=side)
-        paths = {
-            "pil": lambda js=jpegs: [tf(decode_image(d), random.Random(i)) for i, d in enumerate(js)],
-            "draft": lambda js=jpegs: [
-                tf.from_bytes(d, random.Random(i), draft=True) for i, d in enumerate(js)
-            ],
-        }
-        got = {name: rate(fn, len(jpegs), args.repeats) for name, fn in paths.items()}
-        diff = pixel_difference(jpegs, 224)
-        row = {"short_side": side, "images": len(jpegs), "pil_per_s": got["pil"], "draft_per_s": got["draft"],
-               "draft_speedup": got["draft"] / got["pil"], **diff}  # fmt: skip
-        if args.gpu:
-            row["nvjpeg_per_s"] = bench_nvjpeg(jpegs, tf)
-        rows.append(row)
-    print(f"\ndecode + random-resized crop to 224 (scale 0.9-1.0), one core, best of {args.repeats}")
-    head = f"{'short side':>10} {'pil/s':>8} {'draft/s':>8} {'x':>5} {'reduced':>8} {'MAE max':>8}"
-    head += f" {'PSNR min':>9} {'max|d|':>7}"
-    print(head + (f" {'nvjpeg/s':>9}" if args.gpu else ""))
-    for r in rows:
-        line = (
-            f"{r['short_side']:10d} {r['pil_per_s']:8.0f} {r['draft_per_s']:8.0f} {r['draft_speedup']:5.2f}"
-        )
-        line += f" {r['reduced_fraction']:8.0%} {r['mean_abs_worst']:8.2f}"
-        line += f" {r['psnr_min']:9.1f} {r['max_abs']:7.0f}"
-        print(line + (f" {r['nvjpeg_per_s']:9.0f}" if args.gpu else ""))
-    return rows
+    paths = {
+        "pil": lambda: [tf(decode_image(d), random.Random(i)) for i, d in enumerate(jpegs)],
+        "draft": lambda: [tf.from_bytes(d, random.Random(i), draft=True) for i, d in enumerate(jpegs)],
+    }
+    with one_thread():
+        return {name: rate(fn, len(jpegs), repeats) for name, fn in paths.items()}
 
 
-def bench_nvjpeg(jpegs: list[bytes], tf, batch: int = 256) -> float:
+def nvjpeg_rate(jpegs: list[bytes], batch: int = 256) -> float:
     """Images/s of GPU decoding (nvJPEG through torchvision) + crop + resize on the GPU."""
     import torch
     import torch.nn.functional as F
     from torchvision.io import decode_jpeg
 
-    from llm2clip.data.images import decode_image
+    from llm2clip.data.images import decode_image, train_transform
 
+    tf = train_transform(224)
     sizes = [decode_image(d).size for d in jpegs]
     data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpegs]
-    data = (data * (batch // len(data) + 1))[:batch]
-    sizes = (sizes * (batch // len(sizes) + 1))[:batch]
+    data, sizes = (data * (batch // len(data) + 1))[:batch], (sizes * (batch // len(sizes) + 1))[:batch]
     boxes = [tf.crop_box(w, h, random.Random(i)) for i, (w, h) in enumerate(sizes)]
 
     def run():
-        imgs = decode_jpeg(data, device="cuda")
         out = torch.empty((batch, 3, 224, 224), dtype=torch.uint8, device="cuda")
-        for i, (img, (left, top, cw, ch)) in enumerate(zip(imgs, boxes)):
+        for i, (img, (left, top, cw, ch)) in enumerate(zip(decode_jpeg(data, device="cuda"), boxes)):
             crop = img[:, top : top + ch, left : left + cw].unsqueeze(0).float()
             out[i] = F.interpolate(crop, size=(224, 224), mode="bicubic", antialias=True).clamp_(0, 255)[0]
         torch.cuda.synchronize()
@@ -252,42 +226,94 @@ def bench_nvjpeg(jpegs: list[bytes], tf, batch: int = 256) -> float:
     return rate(run, batch, 5)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=("read", "decode"), default=None)
-    p.add_argument("--quick", action="store_true", help="fewer images and repeats (~30 s)")
-    p.add_argument("--sizes", type=common.int_list, default=(400, 512, 600), help="JPEG shorter sides")
-    p.add_argument("--images", type=int, default=200, help="JPEGs per size (decode)")
-    p.add_argument("--read-samples", type=int, default=1000, help="samples in the read benchmark's shard")
-    p.add_argument("--repeats", type=int, default=5)
-    common.add_output_args(p, "folder for the JSON result", plot=False)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.images, args.read_samples, args.repeats = 60, 300, 3
-    import torch
+def decode_case(side: int, args) -> dict:
+    jpegs = make_jpegs(args.images, side, seed=side)
+    got = decode_rates(jpegs, args.repeats)
+    row = {
+        "images": len(jpegs),
+        "pil_per_s": got["pil"],
+        "draft_per_s": got["draft"],
+        "draft_speedup": got["draft"] / got["pil"],
+        **pixel_difference(jpegs, 224),
+    }
+    if args.nvjpeg:
+        row["nvjpeg_per_s"] = nvjpeg_rate(jpegs)
+    return row
 
-    args.gpu = False
-    if torch.cuda.is_available():
+
+# ----------------------------------------------------------------------------- CLI
+
+# fmt: off
+READ_COLUMNS = [
+    ("case", "case", ""), ("ms/shard", "ms_per_shard", ".1f"), ("samples/s", "samples_per_s", ".0f"),
+    ("x full", "vs_full", ".2f"), ("note", common.note, ""),
+]
+# fmt: on
+# fmt: off
+DECODE_COLUMNS = [
+    ("short side", "short_side", "d"), ("pil/s", "pil_per_s", ".0f"), ("draft/s", "draft_per_s", ".0f"),
+    ("x", "draft_speedup", ".2f"), ("reduced", "reduced_fraction", ".0%"),
+    ("MAE max", "mean_abs_worst", ".2f"), ("PSNR min", "psnr_min", ".1f"), ("max|d|", "max_abs", ".0f"),
+    ("nvjpeg/s", "nvjpeg_per_s", ".0f"), ("note", common.note, ""),
+]
+# fmt: on
+
+
+def main(argv=None) -> int:
+    p = common.parser(
+        __doc__, OPTIONS, ("device", "quick", "repeats"), plot=False, repeats=(5, "best of (5)")
+    )
+    args = common.parse(p, argv)
+    if args.quick:
+        args.images, args.read_samples, args.repeats = (
+            QUICK["images"],
+            QUICK["read_samples"],
+            QUICK["repeats"],
+        )
+    args.nvjpeg = False
+    if args.device == "cuda":
         try:
             import torchvision  # noqa: F401
 
-            args.gpu = True
+            args.nvjpeg = True
         except ImportError:
-            print("CUDA is available but torchvision is not: no nvJPEG row (pip install torchvision)")
-    result = {"meta": {**common.git_meta(), "cpu": common.cpu_name(), "loadavg": common.loadavg(),
-                       "time": common.utc_timestamp(), "torch": torch.__version__}}  # fmt: skip
-    if args.gpu:
-        result["meta"]["gpu"] = torch.cuda.get_device_name(0)
-    if args.only in (None, "read"):
-        result["read"] = bench_read(args)
-    if args.only in (None, "decode"):
-        result["decode"] = bench_decode(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{common.result_stem('data_throughput', 'cuda' if args.gpu else 'cpu', args.tag)}.json"
-    common.write_json_atomic(path, result)
-    print(f"\nwrote {path}")
-    return result
+            print("CUDA is available but torchvision is not: no nvJPEG column (pip install torchvision)")
+    run = common.Run("data_throughput", args, argv)
+    parts = ("read", "decode") if args.only is None else (args.only,)
+    with run, tempfile.TemporaryDirectory(prefix="data_throughput-") as tmp:
+        if "read" in parts:
+            run.sweep(read_cases(args, tmp))
+        if "decode" in parts:
+            run.sweep(
+                common.Case({"part": "decode", "short_side": s}, partial(decode_case, s, args))
+                for s in args.sizes
+            )
+    read = [r for r in run.rows if r["part"] == "read"]
+    for r in read:
+        if read[0].get("samples_per_s") and r.get("samples_per_s"):
+            r["vs_full"] = read[0]["samples_per_s"] / r["samples_per_s"]
+    decode = [r for r in run.rows if r["part"] == "decode"]
+    for r in decode:
+        if r["short_side"] == TARGET_SIZE and r.get("draft_speedup"):
+            run.target(
+                f"draft >= {TARGET_SPEEDUP:g}x pil samples/s per core at 224 px from {TARGET_SIZE} px JPEGs",
+                r["draft_speedup"],
+                r["draft_speedup"] >= TARGET_SPEEDUP,
+            )
+    text = []
+    if read:
+        text += [
+            f"read: one local shard, {args.read_samples} samples, {read[0].get('mb', 0):.1f} MB "
+            f"(page-cached), best of {args.repeats}",
+            common.table(read, READ_COLUMNS),
+        ]
+    if decode:
+        text += [
+            f"decode + random-resized crop to 224 (scale 0.9-1.0), one core, best of {args.repeats}",
+            common.table(decode, DECODE_COLUMNS),
+        ]
+    return run.finish("\n\n".join(text))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

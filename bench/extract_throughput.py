@@ -1,84 +1,65 @@
 """Extraction throughput: captions/s and tokens/s of llm2clip.extraction's pipeline, packed vs padded.
 
-What runs: the extraction pipeline's own functions (llm2clip.extraction) on synthetic captions, i.e.
-per "shard" a background thread plans length-sorted batches within --tokens-per-batch and collates
-them (pinned on CUDA) -> the main thread copies each batch to the GPU and launches the forward +
-pooling with no host sync -> one device->host copy per shard (pinned, an event). Weights are
-random (no downloads): Llama-3.2-1B and Llama-3-8B shapes (bf16) on a GPU, a tiny shape on the
-CPU (--quick or --device cpu). Tokens are random ids; caption lengths mix short captions
-(~18 tokens, CC3M-like) and dense ones (~120 tokens, ShareGPT4V-like), half each, plus the template.
+The extraction pipeline's own functions on synthetic captions: per "shard" a background thread
+plans length-sorted batches within --tokens-per-batch and collates them (pinned on CUDA), the main
+thread copies each batch to the GPU and launches forward + pooling with no host sync, one
+device->host copy per shard. Random weights: Llama-3.2-1B / Llama-3-8B shapes (bf16) on a GPU, a
+tiny shape on the CPU. Caption lengths: half short (~18 tokens, CC3M-like), half dense (~120,
+ShareGPT4V-like), plus the template. Modes (same token budget): ``packed`` (extraction's default:
+no pad tokens), ``padded-sorted`` (its --padded), ``padded-unsorted`` (the official LLM2CLIP
+extraction: data order, a fixed number of captions per batch, padded).
 
-Modes (same --tokens-per-batch budget):
-    packed            extraction's default: length-sorted, no pad tokens (varlen / repad attention)
-    padded-sorted     extraction's --padded: length-sorted, padded to each batch's longest caption
-    padded-unsorted   the official LLM2CLIP extraction: data order, a fixed number of captions per
-                      batch (the packed mode's mean, so about as many forward calls), padded
-
-Columns:
-    captions/s, tokens/s   real (non-pad) tokens; the pipeline's wall time over --shards shards
-                           after one warm-up shard
-    slots/tok              padded slots computed per real token (1.00 packed)
-    TFLOP/s                2 * (non-embedding params) * real tokens / time (attention not counted)
-    busy                   time of the same batches already on the GPU, synchronised once /
-                           pipeline time: the fraction of the wall time the GPU had work queued
-    packed x               packed captions/s over this mode's, same shape
-
-Target: packed >= 1.5x padded-unsorted captions/s at the default length mix (short and dense
-captions in one batch pad to ~2x the real tokens), and busy >= 0.95 on a GPU. Against
-padded-sorted the gain is bounded by its slots/tok (length sorting already removes most padding:
-~1.1-1.2 here), so expect ~1.1x there. What overlaps: tar reading, tokenization, batch planning, collation and
-pinning of shard k+1 (reader thread) with the GPU work of shard k; the collation of batch j+1
-and its launch with batch j on the GPU (non-blocking copies, no sync inside a shard); the
-device->host copy and the cache write of shard k (writer thread) with shard k+1. Not measured
-here: tar reading and tokenization (synthetic ids), and the cache write.
+Columns: captions/s and tokens/s (real tokens; wall time over --shards shards after a warm-up
+shard), slots/tok (padded slots per real token), TFLOP/s (2 * non-embedding params * tokens /
+time), busy (GPU-only time of the same batches / pipeline time), packed x (packed captions/s over
+this mode's). Targets (GPU): packed >= 1.5x padded-unsorted captions/s; busy >= 0.95. Not
+measured here: tar reading, tokenization (synthetic ids) and the cache write.
 
     python bench/extract_throughput.py                    # GPU: 1B and 8B shapes, ~3 minutes
     python bench/extract_throughput.py --quick            # GPU: 1B only; CPU: tiny shape, ~30 s
-    python bench/extract_throughput.py --device cpu --quick
-
-Writes a table to stdout and extract_throughput-<device>-<card>-<time>.json into --out.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
-if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as bench/extract_throughput.py
-    sys.path.append(str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as bench/extract_throughput.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
+from bench.attention_throughput import LLM_SHAPES, random_llama  # noqa: E402
 
-SHAPES = {  # name: (hidden, layers, heads, kv_heads, intermediate, vocab)
-    "llama-3.2-1b": (2048, 16, 32, 8, 8192, 128256),
-    "llama-3-8b": (4096, 32, 32, 8, 14336, 128256),
-    "tiny": (128, 2, 4, 2, 256, 1000),
-}
+MODES = ("packed", "padded-sorted", "padded-unsorted")
+TARGET_X, TARGET_BUSY = 1.5, 0.95
+# fmt: off
+OPTIONS = [
+    ("--shapes", common.str_list, None, f"shapes from {tuple(LLM_SHAPES)} (default GPU 1B and 8B, CPU tiny)"),
+    ("--captions", int, None, "captions per shard (default 8192 GPU (quick 4096), 256 CPU (quick 64))"),
+    ("--shards", int, None, "timed shards, plus one warm-up (default 4; 2 --quick)"),
+    ("--tokens-per-batch", int, None, "batch budget (default 32768 GPU, 2048 CPU)"),
+    ("--max-length", int, 512, "longest caption in tokens"),
+    ("--dtype", str, None, "bfloat16 (GPU default) or float32 (CPU default)"),
+]
+COLUMNS = [
+    ("shape", "shape", ""), ("mode", "mode", ""), ("captions/s", "captions_per_s", ",.0f"),
+    ("tokens/s", "tokens_per_s", ",.0f"), ("slots/tok", lambda r: r["slots"] / r["tokens"], ".2f"),
+    ("TFLOP/s", "tflops", ".2f"), ("busy", "busy", ".2f"), ("packed x", "packed_x", ".2f"),
+    ("note", common.note, ""),
+]
+# fmt: on
 
 
 def make_embedder(shape: str, device: str, dtype: str, tokens_per_batch: int, max_length: int):
     """A random-weight Llama of the named shape wrapped as the extraction's LLMTextEmbedder."""
-    import torch
-    import transformers
+    from llm2clip.models.text_embedder import LLMTextEmbedder, TextEmbedderConfig
 
-    from llm2clip.models.text_embedder import ATTN_IMPLEMENTATION, LLMTextEmbedder, TextEmbedderConfig
-
-    hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
-    config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
     cfg = TextEmbedderConfig(dtype=dtype, tokens_per_batch=tokens_per_batch, max_length=max_length)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.AutoModel.from_config(
-            config, dtype=cfg.torch_dtype, attn_implementation=ATTN_IMPLEMENTATION
-        )
-    model.eval().requires_grad_(False)
+    model = random_llama(shape, device, cfg.torch_dtype, max_position_embeddings=8192, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2)  # fmt: skip
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    return LLMTextEmbedder(model, None, cfg), n_params, vocab
+    return LLMTextEmbedder(model, None, cfg), n_params, model.config.vocab_size
 
 
 def synthetic_captions(n: int, vocab: int, max_length: int, seed: int):
@@ -90,11 +71,7 @@ def synthetic_captions(n: int, vocab: int, max_length: int, seed: int):
     dense = np.clip(rng.normal(120, 40, n - n // 2), 20, max_length - 9)
     lengths = rng.permutation(np.concatenate([short, dense]).astype(int) + 9)  # BOS + template
     ids = [[1, *rng.integers(10, vocab, size=int(k) - 1).tolist()] for k in lengths]
-    masks = [[False] * 9 + [True] * (len(x) - 9) for x in ids]
-    return ids, masks
-
-
-MODES = ("packed", "padded-sorted", "padded-unsorted")
+    return ids, [[False] * 9 + [True] * (len(x) - 9) for x in ids]
 
 
 def plan_unsorted(embedder, ids, masks, per_batch: int, pin: bool):
@@ -109,36 +86,29 @@ def plan_unsorted(embedder, ids, masks, per_batch: int, pin: bool):
         b = collate([ids[i] for i in chunk], [masks[i] for i in chunk], packed=False, pad_id=embedder.pad_id)
         index = torch.tensor(chunk, dtype=torch.long)
         if pin:
-            b.input_ids = b.input_ids.pin_memory()
-            b.attention_mask = b.attention_mask.pin_memory()
-            b.weights = b.weights.pin_memory()
-            index = index.pin_memory()
+            b.input_ids, b.attention_mask = b.input_ids.pin_memory(), b.attention_mask.pin_memory()
+            b.weights, index = b.weights.pin_memory(), index.pin_memory()
         out.append((index, b))
     return out
 
 
-def run_mode(embedder, shards, mode: str, device: str, per_batch: int) -> dict:
+def run_mode(embedder, shards, mode: str, device: str, rows: list) -> dict:
     """Pipeline wall time over the shards (after one warm-up) and GPU-only time of the same batches.
-
-    per_batch: captions per batch of padded-unsorted (the packed mode's mean, so both make about
-    as many forward calls).
-    """
+    padded-unsorted takes the packed mode's mean captions per batch (about as many forward calls)."""
     from llm2clip.extraction import launch_batches, plan_batches, prefetch, to_host
 
     pin = device == "cuda"
+    packed = [r for r in rows if r["mode"] == "packed" and r.get("batches")]
+    per_batch = max(1, round(packed[-1]["captions"] / packed[-1]["batches"])) if packed else 64
 
     def plan(ids, masks):
         if mode == "padded-unsorted":
             return plan_unsorted(embedder, ids, masks, per_batch, pin)
         return plan_batches(embedder, ids, masks, packed=mode == "packed", pin=pin)
 
-    def planned(shard_list):
-        for ids, masks in shard_list:
-            yield len(ids), plan(ids, masks)
-
     def pipeline(shard_list):
         pending = None
-        for n, batches in prefetch(planned(shard_list), maxsize=2):
+        for n, batches in prefetch(((len(ids), plan(ids, m)) for ids, m in shard_list), maxsize=2):
             host, ev = to_host(launch_batches(embedder, batches, n))
             if pending is not None and pending[1] is not None:
                 pending[1].synchronize()  # the writer thread's wait, one shard behind
@@ -152,7 +122,6 @@ def run_mode(embedder, shards, mode: str, device: str, per_batch: int) -> dict:
     pipeline(shards[1:])
     common.sync(device)
     wall = time.perf_counter() - t0
-
     plans = [(len(ids), plan(ids, masks)) for ids, masks in shards[1:]]
     on_device = [(n, [(i.to(device), b.to(device)) for i, b in bs]) for n, bs in plans]
     common.sync(device)
@@ -161,14 +130,11 @@ def run_mode(embedder, shards, mode: str, device: str, per_batch: int) -> dict:
         launch_batches(embedder, bs, n)
     common.sync(device)
     gpu = time.perf_counter() - t0
-    captions = sum(n for n, _ in plans)
-    tokens = sum(b.num_tokens for _, bs in plans for _, b in bs)
-    slots = sum(b.input_ids.numel() for _, bs in plans for _, b in bs)
+    captions, tokens = sum(n for n, _ in plans), sum(b.num_tokens for _, bs in plans for _, b in bs)
     return {
-        "mode": mode,
         "captions": captions,
         "tokens": tokens,
-        "slots": slots,
+        "slots": sum(b.input_ids.numel() for _, bs in plans for _, b in bs),
         "batches": sum(len(bs) for _, bs in plans),
         "seconds": wall,
         "gpu_seconds": gpu,
@@ -178,106 +144,55 @@ def run_mode(embedder, shards, mode: str, device: str, per_batch: int) -> dict:
     }
 
 
-def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_device_arg(p)
-    p.add_argument(
-        "--shapes",
-        type=common.str_list,
-        default=None,
-        help=f"model shapes from {tuple(SHAPES)} (default: 1B and 8B on GPU, tiny on CPU)",
-    )
-    p.add_argument("--quick", action="store_true", help="GPU: 1B only, fewer captions; CPU: a few seconds")
-    p.add_argument(
-        "--captions", type=int, default=None, help="captions per shard (default 8192 GPU, 256 CPU)"
-    )
-    p.add_argument(
-        "--shards", type=int, default=None, help="timed shards, plus one warm-up (default 4; 2 --quick)"
-    )
-    p.add_argument(
-        "--tokens-per-batch", type=int, default=None, help="batch budget (default 32768 GPU, 2048 CPU)"
-    )
-    p.add_argument("--max-length", type=int, default=512, help="longest caption in tokens")
-    p.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
-    common.add_output_args(p, "output directory for the JSON", plot=False)
-    args = p.parse_args(argv)
-    device = common.resolve_device(args.device)
-    gpu = device == "cuda"
-    shapes = args.shapes or (
-        ("llama-3.2-1b",) if gpu and args.quick else ("llama-3.2-1b", "llama-3-8b") if gpu else ("tiny",)
-    )
-    n = args.captions or (8192 if gpu and not args.quick else 4096 if gpu else 64 if args.quick else 256)
-    budget = args.tokens_per_batch or (32768 if gpu else 2048)
-    dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    args.shards = args.shards or (2 if args.quick else 4)
-    rows = []
-    for shape in shapes:
-        embedder, n_params, vocab = make_embedder(shape, device, dtype, budget, args.max_length)
+def cases(run, args, n, budget):
+    for shape in args.shapes:
+        embedder, n_params, vocab = make_embedder(shape, args.device, args.dtype, budget, args.max_length)
         shards = [synthetic_captions(n, vocab, args.max_length, seed) for seed in range(args.shards + 1)]
-        by_mode = {}
-        per_batch = 64
         for mode in MODES:
-            try:
-                r = run_mode(embedder, shards, mode, device, per_batch)
-            except Exception as e:
-                if not common.is_oom(e):
-                    raise
-                r = {"mode": mode, "error": "OOM"}
-            if mode == "packed" and "error" not in r:
-                per_batch = max(1, round(r["captions"] / r["batches"]))
-            r.update(shape=shape, dtype=dtype, params=n_params, tokens_per_batch=budget)
-            if "error" not in r:
-                r["tflops"] = 2 * n_params * r["tokens"] / r["seconds"] / 1e12
-            by_mode[r["mode"]] = r
-            rows.append(r)
-            common.free_memory(device)
-        for mode in MODES[1:]:
-            a, b = by_mode["packed"], by_mode[mode]
-            if "error" not in a and "error" not in b:
-                b["packed_x"] = a["captions_per_s"] / b["captions_per_s"]
+            row = {
+                "shape": shape,
+                "mode": mode,
+                "dtype": args.dtype,
+                "params": n_params,
+                "tokens_per_batch": budget,
+            }
+            yield common.Case(row, partial(run_mode, embedder, shards, mode, args.device, run.rows))
         del embedder
-        common.free_memory(device)
+        common.free_memory(args.device)
 
-    meta = common.device_meta(device)
-    print(f"\nextraction throughput on {meta['device_name']} ({dtype}, {n} captions x {args.shards} shards, "
-          f"budget {budget} tokens)")  # fmt: skip
-    print(f"{'shape':>14} {'mode':>15} {'captions/s':>11} {'tokens/s':>11} {'slots/tok':>9} {'TFLOP/s':>8} "
-          f"{'busy':>5} {'packed x':>8}")  # fmt: skip
-    for r in rows:
-        if "error" in r:
-            print(f"{r['shape']:>14} {r['mode']:>15} {r['error']:>11}")
-            continue
-        print(
-            f"{r['shape']:>14} {r['mode']:>15} {r['captions_per_s']:>11,.0f} {r['tokens_per_s']:>11,.0f} "
-            f"{r['slots'] / r['tokens']:>9.2f} {r['tflops']:>8.2f} {r['busy']:>5.2f} "
-            f"{common.fmt(r.get('packed_x'), '>8.2f')}"
-        )
-    import torch
 
-    doc = {
-        "benchmark": "extract_throughput",
-        "timestamp": common.utc_timestamp(),
-        "device": device,
-        **meta,
-        "torch": torch.__version__,
-        **common.git_meta(),
-        "loadavg": common.loadavg(),
-        "config": common.config_of(args),
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = common.result_stem(
-        "extract_throughput",
-        device,
-        common.card_tag(meta["device_name"], device),
-        args.tag,
-        common.file_stamp(),
+def main(argv=None) -> int:
+    args = common.parse(common.parser(__doc__, OPTIONS, ("device", "quick"), plot=False), argv)
+    gpu = args.device == "cuda"
+    large = ("llama-3.2-1b",) if args.quick else ("llama-3.2-1b", "llama-3-8b")
+    args.shapes = args.shapes or (large if gpu else ("tiny",))
+    n = args.captions or ((4096 if args.quick else 8192) if gpu else (64 if args.quick else 256))
+    budget = args.tokens_per_batch or (32768 if gpu else 2048)
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.shards = args.shards or (2 if args.quick else 4)
+    run = common.Run("extract_throughput", args, argv)
+    with run:
+        run.sweep(cases(run, args, n, budget))
+    for r in run.rows:
+        if r["status"] == "ok":
+            r["tflops"] = 2 * r["params"] * r["tokens"] / r["seconds"] / 1e12
+            packed = next(p for p in run.rows if (p["shape"], p["mode"]) == (r["shape"], "packed"))
+            if r["mode"] != "packed" and packed["status"] == "ok":
+                r["packed_x"] = packed["captions_per_s"] / r["captions_per_s"]
+    for r in run.rows if gpu else ():
+        if r["mode"] == "padded-unsorted" and r.get("packed_x") is not None:
+            run.target(
+                f"packed >= {TARGET_X}x padded-unsorted captions/s ({r['shape']})",
+                r["packed_x"],
+                r["packed_x"] >= TARGET_X,
+            )
+        if r["mode"] == "packed" and r["status"] == "ok":
+            run.target(f"busy >= {TARGET_BUSY} ({r['shape']}, packed)", r["busy"], r["busy"] >= TARGET_BUSY)
+    head = (
+        f"extraction throughput ({args.dtype}, {n} captions x {args.shards} shards, budget {budget} tokens)"
     )
-    path = args.out / f"{stem}.json"
-    common.write_json_atomic(path, doc)
-    print(f"wrote {path}")
-    return rows
+    return run.finish(head + "\n" + common.table(run.rows, COLUMNS))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -36,7 +36,6 @@ kernel does not compile.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -51,8 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 
-if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as bench/kernel_resources.py
-    sys.path.append(str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as bench/kernel_resources.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
 
 # H100 / H200 (sm_90) per-SM limits; see the module docstring for the source.
@@ -237,10 +236,17 @@ def collect_tasks(vs, batches, dim, first_config: bool, kernels=None) -> list[Ta
                 if key not in tasks:
                     unit = [n for n, t in sig.items() if t == "constexpr" and n.startswith("stride")]
                     tasks[key] = Task(
-                        name, ci, _config_label(cfg), cfg.num_warps, cfg.num_stages, sig, consts, attrs,
+                        name,
+                        ci,
+                        _config_label(cfg),
+                        cfg.num_warps,
+                        cfg.num_stages,
+                        sig,
+                        consts,
+                        attrs,
                         {k: val for k, val in flags.items() if isinstance(val, bool)},
                         ",".join(u.replace("stride_", "") for u in unit),
-                    )  # fmt: skip
+                    )
                 if v.label not in tasks[key].used_by:
                     tasks[key].used_by.append(v.label)
     return list(tasks.values())
@@ -249,11 +255,13 @@ def collect_tasks(vs, batches, dim, first_config: bool, kernels=None) -> list[Ta
 # ----------------------------------------------------------------------------- compiling
 
 
+# fmt: off
 _PTXAS_RE = {
     "registers": re.compile(r"Used (\d+) registers"),
     "frame": re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"),
     "smem": re.compile(r"(\d+) bytes smem"),
 }
+# fmt: on
 
 
 def parse_ptxas(log: str) -> dict:
@@ -342,12 +350,17 @@ def compile_all(tasks: list[Task], jobs: int) -> list[dict]:
             for fut in concurrent.futures.as_completed(futures):
                 t = futures[fut]
                 row = {
-                    "kernel": t.kernel, "config": t.config, "config_index": t.config_index,
-                    "num_warps": t.num_warps, "num_stages": t.num_stages, "flags": t.flags,
-                    "unit_strides": t.strides, "used_by": t.used_by,
+                    "kernel": t.kernel,
+                    "config": t.config,
+                    "config_index": t.config_index,
+                    "num_warps": t.num_warps,
+                    "num_stages": t.num_stages,
+                    "flags": t.flags,
+                    "unit_strides": t.strides,
+                    "used_by": t.used_by,
                     "dtypes": sorted({u.split()[0] for u in t.used_by}),
                     "main": any(_variant_of(u).main for u in t.used_by),
-                }  # fmt: skip
+                }
                 try:
                     row.update(fut.result())
                     row.update(occupancy(row["registers"], t.num_warps, row["smem_bytes"]))
@@ -357,8 +370,15 @@ def compile_all(tasks: list[Task], jobs: int) -> list[dict]:
                 rows.append(row)
     order = ("forward", "positive", "grad", "grad32", "gemm", "gemm_acc", "gemm32")
     order = {k: i for i, k in enumerate(order)}
-    rows.sort(key=lambda r: (order.get(r["kernel"], 99), r["dtypes"], str(r["flags"]), r["unit_strides"],
-                             r["config_index"]))  # fmt: skip
+    rows.sort(
+        key=lambda r: (
+            order.get(r["kernel"], 99),
+            r["dtypes"],
+            str(r["flags"]),
+            r["unit_strides"],
+            r["config_index"],
+        )
+    )
     return rows
 
 
@@ -380,8 +400,20 @@ def cuda_ext_report(source: Path, arch: str = "sm_90") -> list[dict]:
         return []
     with tempfile.TemporaryDirectory() as d:
         obj = Path(d) / "k.o"
-        cmd = [nvcc, "-c", str(source), "-I", str(source.parent), "-o", str(obj), "-Xptxas", "-v",
-               "-gencode", f"arch=compute_{arch[3:]},code={arch}", "-O3"]  # fmt: skip
+        cmd = [
+            nvcc,
+            "-c",
+            str(source),
+            "-I",
+            str(source.parent),
+            "-o",
+            str(obj),
+            "-Xptxas",
+            "-v",
+            "-gencode",
+            f"arch=compute_{arch[3:]},code={arch}",
+            "-O3",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             return [{"kernel": source.name, "status": "error", "error": proc.stderr[-1500:]}]
@@ -434,42 +466,40 @@ def _demangle(name: str) -> str:
 
 
 def _flags_text(flags: dict) -> str:
-    short = {"HAS_BIAS": "bias", "HAS_GROUPS": "groups", "SIGMOID": "sigmoid", "LOAD_ACC": "load-acc",
-             "STORE_OUT": "store-out", "DOT_FP32": "upcast"}  # fmt: skip
+    short = {
+        "HAS_BIAS": "bias",
+        "HAS_GROUPS": "groups",
+        "SIGMOID": "sigmoid",
+        "LOAD_ACC": "load-acc",
+        "STORE_OUT": "store-out",
+        "DOT_FP32": "upcast",
+    }
     return ",".join(short.get(k, k) for k, v in flags.items() if v and k in short) or "-"
 
 
+# fmt: off
+COLUMNS = [
+    ("kernel", "kernel", ""), ("dtype", lambda r: ",".join(r["dtypes"]), ""),
+    ("flags", lambda r: _flags_text(r["flags"]), ""), ("unit strides", "unit_strides", ""),
+    ("config", "config", ""), ("regs", "registers", "d"),
+    ("spill st/ld B", lambda r: f"{r['spill_store_bytes']}/{r['spill_load_bytes']}", ""),
+    ("stack B", "stack_frame_bytes", "d"), ("smem KiB", lambda r: r["smem_bytes"] / 1024, ".0f"),
+    ("warps/SM", "warps_per_sm", "d"), ("limited by", "limited_by", ""), ("mma", "mma", ""),
+    ("main", lambda r: "yes" if r["main"] else "", ""), ("status", "status", ""),
+]
+EXT_COLUMNS = [
+    ("CUDA kernel (csrc/gather_kernels.cu)", "kernel", ""), ("arch", "arch", ""), ("regs", "registers", "d"),
+    ("spill st/ld B", lambda r: f"{r['spill_store_bytes']}/{r['spill_load_bytes']}", ""),
+    ("stack B", "stack_frame_bytes", "d"), ("smem B", "smem_bytes", "d"),
+    ("threads", "threads_per_block", "d"),
+    ("warps/SM", "warps_per_sm", "d"), ("limited by", "limited_by", ""), ("status", "status", ""),
+]
+# fmt: on
+
+
 def format_table(rows, ext_rows) -> str:
-    head = ("| kernel | dtype | flags | unit strides | config | regs | spill st/ld B | stack B | smem KiB "
-            "| warps/SM | limited by | mma | main | status |")  # fmt: skip
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        if r["status"] == "error":
-            lines.append(f"| {r['kernel']} | {','.join(r['dtypes'])} | {_flags_text(r['flags'])} | "
-                         f"{r['unit_strides']} | {r['config']} | - | - | - | - | - | - | - | "
-                         f"{'yes' if r['main'] else ''} | error |")  # fmt: skip
-            continue
-        lines.append(
-            f"| {r['kernel']} | {','.join(r['dtypes'])} | {_flags_text(r['flags'])} | {r['unit_strides']} | "
-            f"{r['config']} | {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | "
-            f"{r['stack_frame_bytes']} | {r['smem_bytes'] / 1024:.0f} | {r['warps_per_sm']} | "
-            f"{r['limited_by']} | "
-            f"{r['mma']} | {'yes' if r['main'] else ''} | {r['status']} |"
-        )
-    if ext_rows:
-        lines += ["", "| CUDA kernel (csrc/gather_kernels.cu) | arch | regs | spill st/ld B | stack B "
-                  "| smem B "
-                  "| threads | warps/SM | limited by |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in ext_rows:
-            if r["status"] != "ok":
-                lines.append(f"| {r['kernel']} | - | error | | | | | | |")
-                continue
-            lines.append(
-                f"| {r['kernel']} | {r['arch']} | {r['registers']} | {r['spill_store_bytes']}/"
-                f"{r['spill_load_bytes']} | {r['stack_frame_bytes']} | {r['smem_bytes']} | "
-                f"{r['threads_per_block']} | {r['warps_per_sm']} | {r['limited_by']} |"
-            )
-    return "\n".join(lines)
+    text = common.table(rows, COLUMNS, md=True)
+    return text + ("\n\n" + common.table(ext_rows, EXT_COLUMNS, md=True) if ext_rows else "")
 
 
 def summarize(rows, ext_rows) -> dict:
@@ -489,7 +519,7 @@ def summarize(rows, ext_rows) -> dict:
             f"{r.get('spill_load_bytes')}"
             for r in main
             if bad(r)
-        ],  # fmt: skip
+        ],
         "cuda_ext_kernels": len(ext_rows),
         "cuda_ext_spilling": sum(
             r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0) > 0 for r in ext_rows
@@ -499,102 +529,55 @@ def summarize(rows, ext_rows) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Registers, spills, shared memory and occupancy per kernel x "
-                                "config "
-                                "for sm_90a (H100/H200), compiled ahead of time without a GPU.")  # fmt: skip
-    p.add_argument(
-        "--dtypes", type=common.str_list, default=DTYPES, help="input dtypes (default bf16,fp16,fp32)"
-    )
-    p.add_argument(
-        "--paths",
-        choices=("all", "main", "other"),
-        default="all",
-        help="all variants (default), the main paths only (see the module docstring), or the others",
-    )
-    p.add_argument(
-        "--first-config",
-        action="store_true",
-        help="one autotune config per kernel, the smallest tiles (a compile check)",
-    )
-    p.add_argument(
-        "--kernels",
-        type=common.str_list,
-        default=None,
-        help="only these kernels of llm2clip_kernels._triton.KERNELS (default: all)",
-    )
-    p.add_argument(
-        "--batches",
-        type=common.int_list,
-        default=BATCHES,
-        help="b = B values whose launches are recorded (default 4096,24576: every accumulator case)",
-    )
-    p.add_argument(
-        "--dim", type=int, default=DIM, help="feature dim D of the recorded launches (default 1024)"
-    )
-    p.add_argument(
-        "--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all cores)"
-    )
-    p.add_argument("--no-cuda-ext", action="store_true", help="skip the CUDA extension (nvcc) report")
-    p.add_argument(
-        "--fail-on-spill",
-        action="store_true",
-        help="exit 1 if a main-path config spills or does not fit shared memory",
-    )
-    p.add_argument("--json", type=Path, default=None, help="also write the JSON document to this path")
-    common.add_output_args(
-        p, "directory for the JSON and markdown report (default bench/results)", plot=False
-    )
-    return p
+# fmt: off
+OPTIONS = [
+    ("--dtypes", common.str_list, DTYPES, "input dtypes (default bf16,fp16,fp32)"),
+    ("--paths", ("all", "main", "other"), "all",
+     "all variants (default), the main paths only (see the module docstring), or the others"),
+    ("--first-config", bool, False, "one autotune config per kernel, the smallest tiles (a compile check)"),
+    ("--kernels", common.str_list, None, "only these kernels of _triton.KERNELS (default: all)"),
+    ("--batches", common.int_list, BATCHES,
+     "b = B values whose launches are recorded (default 4096,24576: every accumulator case)"),
+    ("--dim", int, DIM, "feature dim D of the recorded launches (default 1024)"),
+    ("--jobs", int, os.cpu_count() or 1, "compile processes (default: all cores)"),
+    ("--no-cuda-ext", bool, False, "skip the CUDA extension (nvcc) report"),
+    ("--fail-on-spill", bool, False, "exit 1 if a main-path config spills or does not fit shared memory"),
+]
+# fmt: on
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    bad_dtypes = [d for d in args.dtypes if d not in DTYPES]
-    if bad_dtypes:
+    args = common.parse(common.parser(__doc__, OPTIONS, ("json",), plot=False), argv)
+    if bad_dtypes := [d for d in args.dtypes if d not in DTYPES]:
         raise SystemExit(f"unknown dtypes {bad_dtypes}; choose from {DTYPES}")
-    t0 = time.perf_counter()
     if os.environ.pop("TRITON_INTERPRET", None) and "llm2clip_kernels" in sys.modules:
         raise SystemExit(
             "llm2clip_kernels was imported under TRITON_INTERPRET=1: run this in a fresh process"
         )
+    run = common.Run("kernel_resources", args, argv, mode="sm_90a", target="sm_90a")
+    run.meta["sm_limits"] = {
+        "registers": REGS_PER_SM,
+        "reg_alloc_unit": REG_ALLOC_UNIT,
+        "smem_per_sm": SMEM_PER_SM,
+        "smem_per_block": SMEM_PER_BLOCK,
+        "smem_reserved_per_block": SMEM_RESERVED_PER_BLOCK,
+        "max_warps": MAX_WARPS_PER_SM,
+        "max_blocks": MAX_BLOCKS_PER_SM,
+    }
     vs = variants(args.dtypes, args.paths)
     tasks = collect_tasks(vs, args.batches, args.dim, args.first_config, args.kernels)
-    print(f"{len(vs)} variants -> {len(tasks)} kernel x config compiles for sm_90a ({args.jobs} processes)",
-          flush=True)  # fmt: skip
-    rows = compile_all(tasks, max(1, args.jobs))
-    ext_rows = [] if args.no_cuda_ext else cuda_ext_report(common.REPO_ROOT / "csrc" / "gather_kernels.cu")
-    summary = summarize(rows, ext_rows)
-    doc = {
-        "meta": {
-            "timestamp": common.utc_timestamp(), "triton": common.triton_version(), "target": "sm_90a",
-            "config": common.config_of(args), "seconds": time.perf_counter() - t0,
-            "sm_limits": {"registers": REGS_PER_SM, "reg_alloc_unit": REG_ALLOC_UNIT,
-                          "smem_per_sm": SMEM_PER_SM, "smem_per_block": SMEM_PER_BLOCK,
-                          "smem_reserved_per_block": SMEM_RESERVED_PER_BLOCK,
-                          "max_warps": MAX_WARPS_PER_SM, "max_blocks": MAX_BLOCKS_PER_SM},
-            **common.git_meta(),
-        },
-        "summary": summary,
-        "rows": rows,
-        "cuda_ext": ext_rows,
-    }  # fmt: skip
-    table = format_table(rows, ext_rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = common.result_stem("kernel_resources", args.tag, common.file_stamp())
-    common.write_json_atomic(args.out / f"{stem}.json", doc)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        common.write_json_atomic(args.json, doc)
-    (args.out / f"{stem}.md").write_text(
-        f"# Kernel resources (sm_90a, triton {doc['meta']['triton']})\n\n{table}\n"
+    print(
+        f"{len(vs)} variants -> {len(tasks)} kernel x config compiles for sm_90a ({args.jobs} processes)",
+        flush=True,
     )
-    print(table)
-    print(f"\nsummary: {summary}")
-    print(f"results: {args.out / stem}.json / .md ({doc['meta']['seconds']:.0f} s)")
-    failed = summary["errors"] > 0 or (args.fail_on_spill and summary["main_path_bad"])
-    return 1 if failed else 0
+    run.rows = compile_all(tasks, max(1, args.jobs))
+    ext_rows = [] if args.no_cuda_ext else cuda_ext_report(common.REPO_ROOT / "csrc" / "gather_kernels.cu")
+    summary = summarize(run.rows, ext_rows)
+    run.write(summary=summary, cuda_ext=ext_rows)
+    table = format_table(run.rows, ext_rows)
+    md = f"# Kernel resources (sm_90a, triton {run.meta['triton']})\n\n{table}\n"
+    rc = run.finish(f"{table}\n\nsummary: {summary}", md=md)
+    return 1 if rc or summary["errors"] or (args.fail_on_spill and summary["main_path_bad"]) else 0
 
 
 if __name__ == "__main__":

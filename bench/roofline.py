@@ -29,9 +29,14 @@ the loss benchmark prints.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as bench/roofline.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common  # noqa: E402
 
 # Mirrors llm2clip_kernels._triton (tests/test_kernel_resources.py checks they agree).
 FWD_BM = 128  # rows per forward program: the column partials are per BM rows
@@ -178,43 +183,48 @@ def predict(
 def format_predictions(shapes, devices, dtype="bf16", sigmoid=False, kernels=False) -> str:
     """A table of model times; every number is a prediction, not a measurement. f+b ms and TFLOP/s
     are the roofline; +exp ms adds the special-function time of the sweeps (see the docstring)."""
-    head = (
-        f"{'device':10s} {'b':>7s} {'B':>7s} {'D':>5s} {'fwd ms':>9s} {'bwd ms':>9s} {'f+b ms':>9s} "
-        f"{'TFLOP/s':>8s} {'+exp ms':>9s} {'mem GiB':>8s}"
-    )
-    lines = [head, "-" * len(head)]
-    for b, B, D in shapes:
-        for dev in devices:
-            p = predict(b, B, D, dev, dtype, sigmoid)
-            tflops = p["useful_tflop"] / (p["fwd_bwd_ms"] * 1e-3)
-            lines.append(
-                f"{dev.name:10s} {b:7d} {B:7d} {D:5d} {p['fwd_ms']:9.2f} {p['bwd_ms']:9.2f} "
-                f"{p['fwd_bwd_ms']:9.2f} {tflops:8.0f} {p['fwd_bwd_with_exp_ms']:9.2f} "
-                f"{p['extra_memory_gib']:8.2f}  predicted"
-            )
-            if kernels:
-                for k in p["kernels"]:
-                    lines.append(
-                        f"    {k['name']:16s} {k['flops'] / 1e12:8.2f} TFLOP {k['bytes'] / 1e9:7.2f} GB "
-                        f"{k['exps'] / 1e9:8.2f} G sfu -> {k['model_s'] * 1e3:8.3f} ms ({k['bound']}-bound), "
-                        f"{k['with_exp_s'] * 1e3:.3f} ms with the sfu time"
-                    )
-    return "\n".join(lines)
+    rows = [
+        {"device": dev.name, "b": b, "B": B, "D": D, **predict(b, B, D, dev, dtype, sigmoid)}
+        for b, B, D in shapes
+        for dev in devices
+    ]
+    cols = [("device", "device", ""), ("b", "b", "d"), ("B", "B", "d"), ("D", "D", "d"),
+            ("fwd ms", "fwd_ms", ".2f"), ("bwd ms", "bwd_ms", ".2f"), ("f+b ms", "fwd_bwd_ms", ".2f"),
+            ("TFLOP/s", lambda p: p["useful_tflop"] / (p["fwd_bwd_ms"] * 1e-3), ".0f"),
+            ("+exp ms", "fwd_bwd_with_exp_ms", ".2f"), ("mem GiB", "extra_memory_gib", ".2f"),
+            ("", lambda p: "predicted", "")]  # fmt: skip
+    lines = common.table(rows, cols).splitlines()
+    if not kernels:
+        return "\n".join(lines)
+    out = lines[:2]
+    for line, p in zip(lines[2:], rows):
+        out.append(line)
+        out += [
+            f"    {k['name']:16s} {k['flops'] / 1e12:8.2f} TFLOP {k['bytes'] / 1e9:7.2f} GB "
+            f"{k['exps'] / 1e9:8.2f} G sfu -> {k['model_s'] * 1e3:8.3f} ms ({k['bound']}-bound), "
+            f"{k['with_exp_s'] * 1e3:.3f} ms with the sfu time"
+            for k in p["kernels"]
+        ]
+    return "\n".join(out)
+
+
+# fmt: off
+OPTIONS = [
+    ("--batches", common.int_list, None, "b = B values (default: the headline shapes 32768, 262144)"),
+    ("--dims", common.int_list, (1024,), "D values"),
+    ("--dtype", ("bf16", "fp16", "fp32"), "bf16", "input dtype"),
+    ("--sigmoid", bool, False, "the sigmoid loss instead of InfoNCE"),
+    ("--kernels", bool, False, "also each kernel's FLOPs, bytes, exps and bound"),
+]
+# fmt: on
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Roofline predictions of the fused loss on H100 / H200.")
-    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                   help="b = B values (default: the headline shapes 32768, 262144 at D = 1024)")  # fmt: skip
-    p.add_argument("--dims", type=lambda s: [int(x) for x in s.split(",")], default=[1024], help="D values")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--sigmoid", action="store_true", help="the sigmoid loss instead of InfoNCE")
-    p.add_argument("--kernels", action="store_true", help="also each kernel's FLOPs, bytes, exps and bound")
-    args = p.parse_args(argv)
+    args = common.parse(common.parser(__doc__, OPTIONS, (), out=False), argv)
     shapes = HEADLINE if args.batches is None else [(n, n, D) for D in args.dims for n in args.batches]
     print(format_predictions(shapes, [H100_SXM, H200], args.dtype, args.sigmoid, args.kernels))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -128,7 +128,7 @@ def test_loss_benchmark_roofline_columns():
     roofline = _bench("roofline")
     row = {"method": "ours", "b": 32768, "B": 32768, "D": 1024, "dtype": "bf16", "fwd_bwd_ms": 12.0}
     row.update(fwd_ms=3.0, bwd_ms=9.0)
-    lt._derive(row, 800.0, roofline.H100_SXM)
+    lt.derive(row, 800.0, roofline.H100_SXM)
     model = roofline.predict(32768, 32768, 1024, roofline.H100_SXM)
     assert row["roofline_fwd_bwd_ms"] == pytest.approx(model["fwd_bwd_ms"])
     assert row["fwd_bwd_of_roofline"] == pytest.approx(model["fwd_bwd_ms"] / 12.0)
