@@ -15,7 +15,8 @@ One process, one torch thread: what one DataLoader worker does.
 Images: photographs (matplotlib's grace_hopper.jpg and, when installed, the Tux Paint stamp
 photos) randomly cropped and re-encoded as JPEG (quality 90) with the shorter side at each --sizes
 value (img2dataset's keep_ratio resize; 512 is the common choice for CC3M/CC12M). Target (issue
-#16): draft >= 2x pil samples/s per core at 224 px from 512 px JPEGs.
+#16): draft >= 2x pil samples/s per core at 224 px from 512 px JPEGs. :func:`worker_rate` is the
+number bench/train_throughput.py's breakdown builds its data cost on.
 
     python bench/data_throughput.py                 # read + decode at shorter sides 400,512,600
     python bench/data_throughput.py --quick         # fewer images, ~30 s
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import json
 import os
 import random
 import statistics
@@ -239,6 +241,22 @@ def decode_case(side: int, args) -> dict:
     if args.nvjpeg:
         row["nvjpeg_per_s"] = nvjpeg_rate(jpegs)
     return row
+
+
+def worker_rate(source: str = "measure", size: int = TARGET_SIZE) -> dict:
+    """One DataLoader worker's decoded + augmented samples/s on the trainer's default path (draft)
+    from `size` px JPEGs to 224 px: measured now (the --quick settings, one thread), read from a
+    data_throughput JSON (its decode row with the nearest shorter side), or given as a number."""
+    if source == "measure":
+        r = decode_rates(make_jpegs(QUICK["images"], size, seed=size), QUICK["repeats"])["draft"]
+        return {"samples_per_s": r, "short_side": size, "source": "measured in this run (draft path)"}
+    with contextlib.suppress(ValueError):
+        return {"samples_per_s": float(source), "short_side": None, "source": "given (--decode-rate)"}
+    rows = [r for r in json.loads(Path(source).read_text())["rows"] if r.get("part") == "decode"]
+    if not any(r.get("draft_per_s") for r in rows):
+        raise ValueError(f"{source}: no decode row with draft_per_s")
+    row = min((r for r in rows if r.get("draft_per_s")), key=lambda r: abs(r["short_side"] - size))
+    return {"samples_per_s": row["draft_per_s"], "short_side": row["short_side"], "source": source}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -16,8 +16,10 @@ Methods: ``fused+gc`` (ours: fused loss + gradient cache, --chunk-size images pe
   matmul ceiling of the same card. OOM is a row and ends the method's larger batches.
 - --find-max: the batch doubled until OOM, --max-batch, host memory or --max-seconds.
 - breakdown at --breakdown-batch: the fused+gc step beside the loss fwd+bwd, the cache gather
-  (host tier, zero-copy; device tier beside it) and the main process's cost of receiving the
-  loader's batch (pinned uint8 -> device + normalise, x2 with the gradient cache).
+  (host tier, zero-copy; device tier beside it) and the data cost: the main process's share
+  (pinned uint8 -> device + normalise, x2 with the gradient cache) plus the wait for the loader,
+  max(0, b / (K r) - step), K = --data-workers decoding + augmenting in parallel with the step at
+  r samples/s each (bench/data_throughput.py's draft path from 512 px JPEGs: --decode-rate).
 
 Targets (one H100 80 GB, ViT-B/16 at 224; CUDA only): fused+gc largest batch >= 131072 and >= 16x
 plain's; peak memory flat beyond the chunk (slope <= 1% of plain's); breakdown <= 5% of the step.
@@ -32,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import os
 import sys
 import time
 from functools import partial
@@ -77,6 +81,9 @@ OPTIONS = [
     ("--grad-checkpointing", bool, False, "recompute each ViT block in backward"),
     ("--loss-backend", str, None, "fused loss backend (default auto on CUDA, torch on CPU)"),
     ("--gather-table-mib", int, None, "host table of the gather, MiB (default 4096, --quick 1024; CPU 64)"),
+    ("--decode-rate", str, "measure", "one data worker's decoded + augmented samples/s: 'measure' (default: "
+     "bench/data_throughput.py's draft path from 512 px JPEGs, now), a data_throughput JSON, or a number"),
+    ("--data-workers", int, None, "DataLoader workers decoding for this GPU (default: the cores - 1)"),
 ]
 # fmt: on
 STD = ("device", "quick", "max_seconds", "warmup_ms", "rep_ms", "threads", "seed")
@@ -427,6 +434,19 @@ def gather_tables(args) -> list[tuple[str, object]]:
     return [("host" if args.device == "cpu" else "host-torch", table)]
 
 
+def data_rate(run) -> dict:
+    """One data worker's samples/s (bench/data_throughput.worker_rate, once per run) and the workers."""
+    if "data_rate" not in run.doc:
+        from bench import data_throughput
+
+        try:
+            run.doc["data_rate"] = data_throughput.worker_rate(run.args.decode_rate)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            run.doc["data_rate"] = {"samples_per_s": None, "source": f"{type(e).__name__}: {e}"[:200]}
+        run.doc["data_rate"]["workers"] = run.args.data_workers
+    return run.doc["data_rate"]
+
+
 def breakdown(run, st, rate) -> dict:
     """Step time of fused+gc at the breakdown batch beside the loss, gather and data costs alone."""
     import torch
@@ -463,9 +483,25 @@ def breakdown(run, st, rate) -> dict:
     row.update(
         common.ms_fields("data", common.time_ms(lambda: st.image_fn(images), dev, args, args.steps + 2))
     )
+    # The loader: K workers decode + augment the next batches while this step runs; the step waits
+    # only for what they cannot deliver in its time.
+    dr = data_rate(run)
     passes = 2 if num_chunks(b, st.chunk) > 1 else 1
-    parts = row["loss_ms"] + row["gather_ms"] + passes * row["data_ms"]
-    row["data_passes"] = passes
+    row.update(
+        data_passes=passes,
+        data_workers=dr["workers"],
+        decode_per_worker_per_s=dr["samples_per_s"],
+        decode_source=dr["source"],
+    )
+    if dr["samples_per_s"]:
+        decode_ms = b / (dr["workers"] * dr["samples_per_s"]) * 1e3
+        row.update(
+            decode_ms=decode_ms,
+            data_wait_ms=max(0.0, decode_ms - row["step_ms"]),
+            workers_keep_up=decode_ms <= row["step_ms"],
+            workers_needed=math.ceil(b / (dr["samples_per_s"] * row["step_ms"] * 1e-3)),
+        )
+    parts = row["loss_ms"] + row["gather_ms"] + passes * row["data_ms"] + row.get("data_wait_ms", 0.0)
     return {
         **row,
         "parts_ms": parts,
@@ -572,10 +608,15 @@ def evaluate_targets(rows, maxes, chunk_of: dict, args) -> list[dict]:
     )
     bd = [r for r in rows if r["kind"] == "breakdown" and r["model"] == m and r.get("fraction") is not None]
     frac = bd[-1]["fraction"] if bd else None
+    keep_up = bd[-1].get("workers_keep_up") if bd else None
     add(
         f"loss + gather + data <= {TARGET_FRACTION:.0%} of the step at b = {args.breakdown_batch}",
         frac,
         None if frac is None else frac <= TARGET_FRACTION,
+        f"data = receive + loader wait; {bd[-1]['data_workers']} workers "
+        + {True: "keep up", False: "do not keep up", None: "(decode rate not measured)"}[keep_up]
+        if bd
+        else None,
     )
     return out
 
@@ -608,10 +649,17 @@ def report(rows, maxes, meta) -> str:
             lines.append(f"\nbreakdown {r['model']} b={r['batch']}: {r['status']} {r.get('note') or ''}")
             continue
         dev = f" (device tier {r['gather_device_ms']:.3f})" if r.get("gather_device_ms") is not None else ""
+        wait = (
+            f"loader wait {r['data_wait_ms']:.2f} ms ({r['data_workers']} workers x "
+            f"{r['decode_per_worker_per_s']:.0f} samples/s decode {r['decode_ms']:.1f} ms per batch; "
+            f"{r['workers_needed']} needed)"
+            if r.get("decode_ms") is not None
+            else f"loader wait not measured ({r['decode_source']})"
+        )
         lines.append(
             f"\nbreakdown {r['model']} {r['method']} b={r['batch']} (chunk {r['chunk']}): step "
             f"{r['step_ms']:.2f} ms; loss fwd+bwd {r['loss_ms']:.3f} ms, cache gather {r['gather_ms']:.3f} "
-            f"ms{dev}, data receive {r['data_ms']:.3f} ms x {r['data_passes']} -> "
+            f"ms{dev}, data receive {r['data_ms']:.3f} ms x {r['data_passes']}, {wait} -> "
             f"{r['parts_ms']:.2f} ms = {100 * r['fraction']:.2f}% of the step"
         )
     if meta["device"] == "cpu":
@@ -644,6 +692,7 @@ def resolve(args):
     args.embed_dim = args.embed_dim or (1280 if gpu else 32)
     args.gather_table_mib = args.gather_table_mib or ((1024 if args.quick else 4096) if gpu else 64)
     args.max_seconds = args.max_seconds or (60.0 if args.quick and gpu else None)
+    args.data_workers = args.data_workers or max(1, len(os.sched_getaffinity(0)) - 1)
     return args
 
 

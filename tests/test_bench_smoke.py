@@ -211,6 +211,9 @@ def test_data_decode_read_and_worker_rate(tmp_path):
     assert decode["psnr_min"] > 20 and "nvjpeg_per_s" not in decode
     (target,) = doc["targets"]
     assert target["value"] == decode["draft_speedup"] and target["pass"] == (decode["draft_speedup"] >= 2)
+    # What the training benchmark's breakdown reads: the draft path's rate from this JSON, or a number.
+    assert data_throughput.worker_rate(str(path))["samples_per_s"] == decode["draft_per_s"]
+    assert data_throughput.worker_rate("123.5")["samples_per_s"] == 123.5
 
 
 def test_cache_verify_cpu(tmp_path):

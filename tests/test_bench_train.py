@@ -8,6 +8,7 @@ step's grow with the batch).
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,7 +43,7 @@ def test_cpu_smoke(tmp_path, fast_ceiling):
             "--device", "cpu", "--threads", "2", "--out", str(tmp_path),
             "--batches", "8,16", "--chunk-size", "4", "--methods", "fused+gc,plain", "--steps", "2",
             "--find-max", "--find-max-methods", "fused+gc,plain", "--max-batch", "32",
-            "--breakdown-batch", "16",
+            "--breakdown-batch", "16", "--decode-rate", "50", "--data-workers", "2",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -80,10 +81,23 @@ def test_cpu_smoke(tmp_path, fast_ceiling):
     assert p16["saved_act_mib"] > 1.8 * p8["saved_act_mib"]
     assert p16["saved_act_mib"] > 3 * gc16["saved_act_mib"]
 
+    # The breakdown's data cost: the main process's receive (twice with the gradient cache) plus the
+    # wait for the loader: 2 workers at 50 samples/s decode 16 samples in 160 ms, and the step waits
+    # for whatever of that its own time does not cover.
     (bd,) = [r for r in rows if r["kind"] == "breakdown"]
     assert bd["status"] == "ok" and bd["batch"] == 16 and bd["data_passes"] == 2
-    parts = bd["loss_ms"] + bd["gather_ms"] + 2 * bd["data_ms"]
+    assert (
+        bd["data_workers"] == 2
+        and bd["decode_per_worker_per_s"] == 50
+        and bd["decode_ms"] == pytest.approx(160)
+    )
+    assert bd["data_wait_ms"] == pytest.approx(max(0.0, 160 - bd["step_ms"]))
+    assert bd["workers_keep_up"] == (160 <= bd["step_ms"])
+    assert bd["workers_needed"] == math.ceil(16 / (50 * bd["step_ms"] * 1e-3))
+    parts = bd["loss_ms"] + bd["gather_ms"] + 2 * bd["data_ms"] + bd["data_wait_ms"]
     assert bd["parts_ms"] == pytest.approx(parts) and bd["fraction"] == pytest.approx(parts / bd["step_ms"])
+    assert doc["data_rate"] == {"samples_per_s": 50.0, "short_side": None, "source": "given (--decode-rate)",
+                                "workers": 2}  # fmt: skip
 
 
 def test_oom_is_a_row_and_ends_the_doubling(tmp_path, fast_ceiling, monkeypatch):
