@@ -12,8 +12,9 @@ Methods: ``fused+gc`` (ours: fused loss + gradient cache, --chunk-size images pe
 - sweep: --warmup untimed then --steps timed steps per batch; samples/s = b / median; peak memory
   (max_memory_allocated: weights, AdamW state, gradients, embeddings included); act MiB = the
   peak bytes autograd holds for backward (saved-tensor hooks, first warm-up step); TFLOP/s counts
-  executed work, MFU useful work (llm2clip.training.metrics.StepFlops), beside the bf16 8192^3
-  matmul ceiling of the same card. OOM is a row and ends the method's larger batches.
+  executed work (% ceil: of the bf16 8192^3 matmul ceiling of the same card), MFU useful work over
+  the card's dense bf16 peak (llm2clip.training.metrics: the trainer's one definition). OOM is a
+  row and ends the method's larger batches.
 - --find-max: the batch doubled until OOM, --max-batch, host memory or --max-seconds.
 - breakdown at --breakdown-batch: the fused+gc step beside the loss fwd+bwd, the cache gather
   (host tier, zero-copy; device tier beside it) and the data cost: the main process's share
@@ -167,7 +168,7 @@ def build_state(name: str, args) -> SimpleNamespace:
     from llm2clip.models.clip_model import ClipModel, ClipModelConfig
     from llm2clip.models.vit import ViT, ViTConfig
     from llm2clip.training.losses import make_loss
-    from llm2clip.training.metrics import forward_flops
+    from llm2clip.training.metrics import forward_flops, peak_bf16_flops
 
     dev = args.device
     cfg = ViTConfig.preset("B/16", **TINY_VIT) if name == "tiny" else ViTConfig.preset(name)
@@ -196,6 +197,7 @@ def build_state(name: str, args) -> SimpleNamespace:
         params=sum(p.numel() for p in model.parameters()),
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else contextlib.nullcontext(),
         fwd_flops=forward_flops(model, cfg.image_size, args.text_dim, dev) or float("nan"),
+        peak=peak_bf16_flops(torch.device(dev)),  # MFU's denominator, as the trainer's
     )
 
 
@@ -303,6 +305,8 @@ def run_case(st, method: str, b: int, warmup: int, steps: int, args, rate: float
     """Time `steps` steps after `warmup` at batch b (raises on OOM; partial gradients dropped)."""
     import torch
 
+    from llm2clip.training.metrics import StepFlops
+
     fused, gc = METHODS[method]
     chunk = st.chunk if gc else 0
     try:
@@ -343,7 +347,7 @@ def run_case(st, method: str, b: int, warmup: int, steps: int, args, rate: float
         flops_step=executed,
         tflops=executed / (med * 1e-3) / 1e12,
         pct_ceiling=100 * executed / (med * 1e-3) / 1e12 / rate,
-        mfu=useful / (med * 1e-3) / 1e12 / rate,
+        mfu=StepFlops.mfu(useful, med * 1e-3, st.peak) if st.peak else None,
     )
     return {**row, "note": st.images.note} if st.images.note else row
 
@@ -697,6 +701,10 @@ def resolve(args):
 
 
 def main(argv=None) -> int:
+    import torch
+
+    from llm2clip.training.metrics import peak_bf16_flops
+
     args = resolve(common.parse(common.parser(__doc__, OPTIONS, STD, **HELP), argv))
     gpu = args.device == "cuda"
     run = common.Run("train_throughput", args, argv, mode="quick" if args.quick else None)
@@ -704,9 +712,11 @@ def main(argv=None) -> int:
         dtype="bf16 autocast" if gpu else "fp32",
         host_mem_available_gib=(mem_available_bytes() or 0) / 2**30,
         flop_count="FlopCounterMode forward per sample x (3 + 1 with the gradient cache + 1 with "
-        "checkpointing) + 8 b^2 D for the loss; MFU counts 3x forward + loss",
+        "checkpointing) + 8 b^2 D for the loss; MFU counts 3x forward + loss over the card's dense bf16 peak "
+        "(llm2clip.training.metrics.StepFlops, peak_bf16_flops; none on the CPU)",
     )
     run.meta["matmul_rate"] = rate = common.ceiling(args.device)
+    run.meta["mfu_peak_flops"] = peak_bf16_flops(torch.device(args.device))
     print(
         f"{run.meta['device_name']} ({args.device}), torch {run.meta['torch']}, git {run.meta['git_sha']}; "
         f"matmul {rate['tflops']:.2f} TFLOP/s"
