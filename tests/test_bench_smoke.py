@@ -237,3 +237,47 @@ def test_roofline_cli(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith(("H100", "H200")) and line.endswith("predicted") for line in lines) == 2
     assert sum("-bound)" in line for line in lines) == 10  # five kernels per card
+
+
+def test_gpu_summary(tmp_path):
+    """bench/gpu_summary.py (the GPU check's last step) on the files a check leaves behind."""
+    from bench import gpu_summary
+
+    (tmp_path / "steps.tsv").write_text("wheels\tok\t0\tgpu_check.log\nloss sweep\ttimeout\t300\tbench.log\n")
+    (tmp_path / "gpu_check.log").write_text("device NVIDIA H200 sm 9.0\n")
+    rows = [
+        {
+            "method": "ours",
+            "b": 4096,
+            "B": 4096,
+            "D": 1024,
+            "status": "ok",
+            "fwd_bwd_ms": 1.5,
+            "roofline_fwd_bwd_ms": 1.2,
+            "fwd_bwd_of_roofline": 0.8,
+        },
+        {"method": "naive", "status": "ok"},
+    ]
+    target = {"target": "draft >= 2x pil", "value": 2.51234, "pass": True, "note": None}
+    docs = {
+        "loss_throughput-cuda-H200-1.json": {"rows": rows},
+        "data_throughput-cuda-H200-1.json": {
+            "meta": {"device_name": "NVIDIA H200"},
+            "targets": [target],
+            "rows": [{"part": "decode", "short_side": 512, "draft_per_s": 300.0, "nvjpeg_per_s": 4000.0}],
+        },
+        "train_throughput-cuda-H200-quick-1.json": {
+            "rows": [{"kind": "breakdown", "model": "B/16", "batch": 4096, "fraction": None}]
+        },
+    }
+    for name, doc in docs.items():
+        (tmp_path / name).write_text(json.dumps(doc))
+    assert gpu_summary.main([str(tmp_path), "480", "400"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["ok"] is False and [s["step"] for s in res["steps"]] == ["wheels", "loss sweep"]
+    assert res["loss"] == [{k: rows[0].get(k) for k in gpu_summary.LOSS_FIELDS}]
+    assert res["data"]["decode"][0]["nvjpeg_per_s"] == 4000.0 and res["targets"][0]["verdict"] == "PASS"
+    md = (tmp_path / "summary.md").read_text()
+    assert md.startswith("# GPU check: FAILED in 400 s (budget 480 s)") and "Card: device NVIDIA H200" in md
+    assert "- PASS: draft >= 2x pil: 2.512" in md and "80%" in md and "4000" in md
+    assert "B/16 b=4096: not measured" in md and "(no resource report" in md
