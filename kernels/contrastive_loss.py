@@ -1,6 +1,6 @@
 """Fused contrastive losses: CLIP's symmetric InfoNCE and SigLIP's sigmoid loss.
 
-Math (DESIGN.md section 2). Image features I (b x D), text features T (B x D), logit scale s
+Math (docs/loss.md, section 1). Image features I (b x D), text features T (B x D), logit scale s
 (the multiplier, i.e. open_clip's ``logit_scale.exp()``), optional bias beta:
 
     S = s * I T^T + beta,   image i pairs with text p(i)   (default p(i) = offset + i)
