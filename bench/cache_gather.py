@@ -227,9 +227,10 @@ def evaluate_targets(run) -> None:
             if cpu:
                 checks[f"x_cpu >= {TARGET_X_CPU}"] = x_cpu >= TARGET_X_CPU
             name = f"{m} dim {dim} batch {b}: {', '.join(checks)}"
+            value = f"x_{r['ceiling']} {r['x_ceiling']:.2f}" + (f", x_cpu {x_cpu:.2f}" if cpu else "")
             run.target(
                 name,
-                checks,
+                value,
                 all(checks.values()),
                 method=m,
                 dim=dim,
