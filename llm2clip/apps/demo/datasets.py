@@ -29,6 +29,14 @@ train (checked, and recorded in ``summary.json``). Held-out pairs are also writt
 ``heldout_pairs.jsonl`` (``{"a": txt, "b": alt}``), and a fixed subset of them as
 ``cra_pairs.jsonl`` for stage 1's CRA.
 
+Translations (cross-lingual evaluation): the held-out Tux Paint stamps are also written in the
+Crossmodal-3600 layout that ``python -m llm2clip.eval --xm3600 DIR --languages ...`` reads
+(``llm2clip.evaluation.multilingual``), as ``tuxpaint_heldout_translations/``: ``captions.jsonl``
+(one line per image: ``"image/key"``, ``"origin"``, ``"en": {"caption": [English]}`` and every
+translation of its ``.txt`` under Tux Paint's own locale name, ``"fr"``, ``"ja"``, ``"zh_CN"``, ...)
+and ``images/<key>.jpg`` (the same square rendering as the shards, JPEG quality 95). Training only
+ever sees the English captions; the translations exist for held-out images only.
+
 Fashion-MNIST (Debian ``dataset-fashion-mnist``, the IDX files in /usr/share/datasets/fashion-mnist):
 the first ``--per-class`` test images of each class, inverted to dark-on-white like the stamps and
 upscaled, as shards with a ``cls`` member (ASCII class index). Class names come from the label table
@@ -47,6 +55,7 @@ import json
 import os
 import random
 import re
+import shutil
 import struct
 import sys
 import time
@@ -67,6 +76,8 @@ EMOJI_FONT_SIZE = 109
 FASHION_CLASSES_FALLBACK = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
+TRANSLATIONS_DIR = "tuxpaint_heldout_translations"  # held-out Tux Paint stamps, XM3600 layout
+_TRANSLATION_LINE = re.compile(r"^([\w@]+)\.utf8=(.*)$")
 # Used only when open_clip's zero_shot_metadata.py can't be had (the demo says so in its report).
 GENERIC_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a drawing of a {}.")
 SOURCES = ("tuxpaint", "emoji")
@@ -81,6 +92,7 @@ class Item:
     caption: str
     alt: str
     render: Callable[[int], bytes] = field(repr=False)  # image side -> PNG bytes
+    translations: dict[str, str] = field(default_factory=dict)  # locale -> caption (Tux Paint only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,16 +164,27 @@ def tuxpaint_items(root: Path = TUXPAINT_STAMPS) -> list[Item]:
         txt = png.with_suffix(".txt")
         if not txt.is_file():
             continue
-        lines = txt.read_text(encoding="utf-8", errors="replace").splitlines()
-        # The English caption is the first line that is not a "lang.utf8=..." translation.
-        caption = next((ln.strip() for ln in lines if ln.strip() and not re.match(r"^[\w@]+\.utf8=", ln)), "")
+        caption, translations = parse_stamp_text(txt.read_text(encoding="utf-8", errors="replace"))
         label = _words(png.stem)
         if not caption or not label:
             continue
         folders = [f for f in rel.parts[:-1] if f not in ("cartoon", "photo")]
         alt = f"{label} ({', '.join(folders)})" if folders else label
-        items.append(Item("tuxpaint", str(rel), caption, alt, _render_file(png)))
+        items.append(Item("tuxpaint", str(rel), caption, alt, _render_file(png), translations))
     return items
+
+
+def parse_stamp_text(text: str) -> tuple[str, dict[str, str]]:
+    """A stamp's .txt -> (English caption, {locale: translation}). The English caption is the first
+    line that is not a "lang.utf8=..." translation; a locale's first non-empty line wins."""
+    caption, translations = "", {}
+    for line in text.splitlines():
+        m = _TRANSLATION_LINE.match(line.strip())
+        if m is None:
+            caption = caption or line.strip()
+        elif m.group(2).strip():
+            translations.setdefault(m.group(1), m.group(2).strip())
+    return caption, translations
 
 
 def emoji_items(font_path: Path = EMOJI_FONT) -> list[Item]:
@@ -275,6 +298,46 @@ def _write_split(items: Sequence[Item], out: Path, n_shards: int, size: int, spl
     return paths
 
 
+def _jpeg(png: bytes) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with Image.open(io.BytesIO(png)) as im:
+        im.convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_translations(items: Sequence[Item], out: Path, size: int) -> dict:
+    """The items that carry translations, in the XM3600 layout (module docstring) under `out`:
+    captions.jsonl + images/<key>.jpg, keys as in the held-out shards (the item's index). Returns
+    the counts: images, and per language its captions, distinct captions and captions equal to
+    the English one (normalised)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    langs: dict[str, dict] = {}
+    n = 0
+    with open(tmp / "captions.jsonl", "w", encoding="utf-8") as f:
+        for i, it in enumerate(items):
+            if not it.translations:
+                continue
+            key = f"{i:05d}"
+            (tmp / "images" / f"{key}.jpg").write_bytes(_jpeg(it.render(size)))
+            record = {"image/key": key, "origin": it.origin, "en": {"caption": [it.caption]}}
+            record.update({lang: {"caption": [text]} for lang, text in sorted(it.translations.items())})
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+            for lang, text in (("en", it.caption), *it.translations.items()):
+                c = langs.setdefault(lang, {"captions": 0, "distinct": set(), "same_as_english": 0})
+                c["captions"] += 1
+                c["distinct"].add(_norm(text))
+                c["same_as_english"] += lang != "en" and _norm(text) == _norm(it.caption)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    languages = {lang: {**c, "distinct": len(c["distinct"])} for lang, c in sorted(langs.items())}
+    return {"dir": str(out), "images": n, "languages": languages}
+
+
 def _write_pairs(items: Sequence[Item], path: Path) -> None:
     with open(f"{path}.tmp", "w", encoding="utf-8") as f:
         for it in items:
@@ -294,7 +357,8 @@ def build_pairs(
     cra_pairs: int = 200,
     log=print,
 ) -> dict:
-    """Write out/train/*.tar, out/heldout/*.tar, out/heldout_pairs.jsonl, out/cra_pairs.jsonl and
+    """Write out/train/*.tar, out/heldout/*.tar, out/heldout_pairs.jsonl, out/cra_pairs.jsonl,
+    out/tuxpaint_heldout_translations/ (when held-out stamps carry translations) and
     out/summary.json (written last)."""
     t0 = time.perf_counter()
     have = available_sources()
@@ -330,6 +394,11 @@ def build_pairs(
     # CRA costs two LLM forwards per pair at every evaluation: a fixed random subset, both sources.
     cra = random.Random(f"cra/{seed}").sample(heldout, min(cra_pairs, len(heldout)))
     _write_pairs(cra, out / "cra_pairs.jsonl")
+    translations = None
+    if any(it.translations for it in heldout):
+        translations = write_translations(heldout, out / TRANSLATIONS_DIR, image_size)
+        n_lang = len(translations["languages"])
+        log(f"  translations: {translations['images']} held-out stamps in {n_lang} languages")
     summary = {
         "sources": per_source,
         "train": len(train),
@@ -338,6 +407,7 @@ def build_pairs(
         "heldout_unique_captions": len({_norm(i.caption) for i in heldout}),
         "heldout_captions_in_train": overlap,
         "cra_pairs": len(cra),
+        "translations": translations,
         "image_size": image_size,
         "train_shards": train_paths,
         "heldout_shards": heldout_paths,
