@@ -31,7 +31,7 @@ import torch
 
 from llm2clip.apps.demo import assets, bundle_check, datasets, report
 from llm2clip.apps.demo.assets import DEB_EMOJI, DEB_FASHION, DEB_TUXPAINT, PIP_LLM, PIP_MOBILENET
-from llm2clip.apps.demo.pipeline import PRESETS, Demo, Step, StepFailed
+from llm2clip.apps.demo.pipeline import PRESETS, Demo, Step, StepFailed, check_mode
 
 
 def _item(source: str, caption: str, alt: str) -> datasets.Item:
@@ -319,6 +319,19 @@ def test_step_runner_skips_done_and_names_failures(tmp_path, capsys):
     log = tmp_path / "logs" / "bad.log"
     assert "Fail loudly" in str(e.value) and str(log) in str(e.value)
     assert "boom" in log.read_text()
+
+
+def test_check_mode_accepts_the_same_settings_and_refuses_others(tmp_path):
+    """A rerun with the same preset reuses the outputs (the recorded JSON turns the preset's tuples
+    into lists: they must still compare equal); another preset needs --force."""
+    check_mode(tmp_path, PRESETS["quick"], "auto", force=False)
+    check_mode(tmp_path, PRESETS["quick"], "auto", force=False)
+    with pytest.raises(SystemExit, match=r"holds a demo run with other settings \(quick, source auto\)"):
+        check_mode(tmp_path, PRESETS["full"], "auto", force=False)
+    with pytest.raises(SystemExit, match=r"other settings"):
+        check_mode(tmp_path, PRESETS["quick"], "emoji", force=False)
+    check_mode(tmp_path, PRESETS["full"], "auto", force=True)
+    check_mode(tmp_path, PRESETS["full"], "auto", force=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -377,6 +377,7 @@ def check_mode(out: Path, preset: Preset, source: str, force: bool, gemma: bool 
     report, say): the first run records its settings; a different one needs --force or another --out."""
     path = out / "demo_config.json"
     current = {"preset": asdict(preset), "source": source, "gemma": preset.gemma if gemma is None else gemma}
+    current = json.loads(json.dumps(current))  # as read back: the preset's tuples become lists
     if path.is_file() and not force:
         previous = json.loads(path.read_text())
         if previous != current:
