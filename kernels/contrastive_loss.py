@@ -21,6 +21,7 @@ traces through them; neither calls ``.item()`` or synchronises with the host.
 
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -143,12 +144,11 @@ def sigmoid_from_stats(rows: Tensor, B: int, weight: float):
 # ----------------------------------------------------------------------------- custom ops
 
 
-def _check_values(scale: Tensor, bias: Tensor | None, pos: Tensor, B: int) -> None:
+def _check_values(scale: Tensor, bias: Tensor | None, pos: Tensor | None, B: int) -> None:
     """Value checks that need the data: eager on CPU, device-side asserts on CUDA (no sync)."""
-    checks = [
-        (torch.isfinite(scale), "logit_scale is NaN or infinite"),
-        ((pos >= 0).all() & (pos < B).all(), f"a positive index is outside [0, {B})"),
-    ]
+    checks = [(torch.isfinite(scale), "logit_scale is NaN or infinite")]
+    if pos is not None:
+        checks.append(((pos >= 0).all() & (pos < B).all(), f"a positive index is outside [0, {B})"))
     if bias is not None:
         checks.append((torch.isfinite(bias), "logit_bias is NaN or infinite"))
     for ok, message in checks:
@@ -259,13 +259,19 @@ torch.library.register_autograd(
 
 
 def _as_scalar(value, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A () tensor in ``dtype`` from a number or a one-element tensor; bools are refused (a flag
+    passed by mistake would otherwise become a scale of 1)."""
     if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real number, not a {value.dtype} tensor")
         if value.numel() != 1:
             raise ValueError(f"{name} must hold one value, got shape {tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the features are on {device}")
         return value.reshape(()).to(dtype)
-    if isinstance(value, (int, float)):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a tensor or a number, not a bool ({value})")
+    if isinstance(value, numbers.Real):
         return torch.tensor(float(value), dtype=dtype, device=device)
     raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
 
@@ -277,6 +283,60 @@ def _is_int_tensor(t) -> bool:
         and not t.is_complex()
         and t.dtype != torch.bool
     )
+
+
+def _is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _index_tensor(t, name: str, shape: tuple, what: str, device: torch.device) -> Tensor:
+    """positive_index / group_ids: an integer tensor of the given shape on the features' device."""
+    if not _is_int_tensor(t):
+        got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be an integer tensor of shape {shape} ({what}), got {got}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} ({what}), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the features are on {device}")
+    return t.long()
+
+
+def _positives(positive_index, positive_offset, b: int, B: int, device, allow_more_images: bool):
+    """The (b,) positive text of every image, or None (the distributed loss fills it in)."""
+    if not _is_int(positive_offset):
+        raise TypeError(
+            f"positive_offset must be an int, got {type(positive_offset).__name__} {positive_offset!r}"
+        )
+    if positive_index is not None:
+        if positive_offset != 0:
+            raise ValueError("pass positive_index or positive_offset, not both")
+        return _index_tensor(positive_index, "positive_index", (b,), "one text index per image", device)
+    if allow_more_images:
+        return None
+    if not 0 <= positive_offset <= B - b:
+        raise ValueError(
+            f"positive_offset={positive_offset} puts the positives of {b} images outside {B} texts"
+        )
+    return torch.arange(positive_offset, positive_offset + b, device=device)
+
+
+def _check_features(image, text) -> None:
+    for name, t in (("image_feats", image), ("text_feats", text)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): the loss needs at least one pair")
+    if image.device != text.device:
+        raise ValueError(f"image_feats is on {image.device} but text_feats is on {text.device}")
+    if image.shape[1] != text.shape[1]:
+        raise ValueError(
+            f"feature dims differ: image_feats has D={image.shape[1]}, text_feats D={text.shape[1]}"
+        )
+    if image.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"features must be on a CPU or CUDA device, got {image.device}")
 
 
 def _prepare(
@@ -294,22 +354,8 @@ def _prepare(
 
     allow_more_images (the distributed loss): b may exceed B, and pos is left to the caller.
     """
-    for name, t in (("image_feats", image), ("text_feats", text)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
-        if t.shape[0] == 0 or t.shape[1] == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): the loss needs at least one pair")
-    if image.device != text.device:
-        raise ValueError(f"image_feats is on {image.device} but text_feats is on {text.device}")
-    if image.shape[1] != text.shape[1]:
-        raise ValueError(
-            f"feature dims differ: image_feats has D={image.shape[1]}, text_feats D={text.shape[1]}"
-        )
+    _check_features(image, text)
     device = image.device
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"features must be on a CPU or CUDA device, got {device}")
     if torch.is_autocast_enabled(device.type):
         # Like a matmul under autocast: 16/32-bit float operands run in the autocast dtype.
         dtype = torch.get_autocast_dtype(device.type)
@@ -326,31 +372,10 @@ def _prepare(
     cdt = _chunked.compute_dtype(image.dtype)
     scale = _as_scalar(logit_scale, "logit_scale", device, cdt)
     bias = None if logit_bias is None else _as_scalar(logit_bias, "logit_bias", device, cdt)
-    if positive_index is not None:
-        if not _is_int_tensor(positive_index):
-            raise TypeError("positive_index must be an integer tensor of shape (b,)")
-        if positive_index.shape != (b,):
-            raise ValueError(f"positive_index must have shape ({b},), got {tuple(positive_index.shape)}")
-        if positive_index.device != device:
-            raise ValueError(f"positive_index is on {positive_index.device} but the features are on {device}")
-        pos = positive_index.long()
-    elif allow_more_images:
-        pos = None
-    else:
-        if not 0 <= positive_offset <= B - b:
-            raise ValueError(
-                f"positive_offset={positive_offset} puts the positives of {b} images outside {B} texts"
-            )
-        pos = torch.arange(positive_offset, positive_offset + b, device=device)
+    pos = _positives(positive_index, positive_offset, b, B, device, allow_more_images)
     groups = None
     if group_ids is not None:
-        if not _is_int_tensor(group_ids):
-            raise TypeError("group_ids must be an integer tensor of shape (B,)")
-        if group_ids.shape != (B,):
-            raise ValueError(f"group_ids must have shape ({B},) (one per text), got {tuple(group_ids.shape)}")
-        if group_ids.device != device:
-            raise ValueError(f"group_ids is on {group_ids.device} but the features are on {device}")
-        groups = group_ids.long()
+        groups = _index_tensor(group_ids, "group_ids", (B,), "one per text", device)
     return image, text, scale, bias, pos, groups, backend
 
 
@@ -389,18 +414,24 @@ def infonce_loss(
         image_feats: (b, D) image embeddings (normally L2-normalised); bf16, fp16, fp32
             (fp64 on the torch backend).
         text_feats: (B, D) text embeddings, B >= b, same dtype and device.
-        logit_scale: () or (1,) tensor, the multiplier s (open_clip passes ``logit_scale.exp()``).
-            Gradients flow to it.
-        logit_bias: optional () tensor added to every logit (it cancels in InfoNCE; kept for
-            parity with the sigmoid loss).
+        logit_scale: () or (1,) float (or integer) tensor, or a number: the multiplier s
+            (open_clip passes ``logit_scale.exp()``). Gradients flow to it. Bools are refused.
+        logit_bias: optional () tensor or number added to every logit (it cancels in InfoNCE;
+            kept for parity with the sigmoid loss).
         positive_index: optional (b,) integer tensor: image i pairs with text positive_index[i].
-        positive_offset: without positive_index, image i pairs with text positive_offset + i.
+        positive_offset: an int; without positive_index, image i pairs with text
+            positive_offset + i (floats and bools are refused).
         group_ids: optional (B,) integer tensor; texts sharing the group of image i's positive
             (duplicate captions) are not used as its negatives.
         backend: 'auto' (Triton on CUDA, chunked PyTorch on CPU), 'triton' or 'torch'.
 
     Returns:
         () float32 loss: the mean of the image->text and text->image cross entropies.
+
+    A NaN or infinite scale or bias, or a positive index outside [0, B), raises ValueError (on
+    CUDA a device-side assert: no host sync). NaN or infinite *features* are not checked (that
+    would cost a pass over them and, on CUDA, a host sync): they give a NaN or infinite loss, so
+    a trainer's finite-loss check catches them.
     """
     return _loss(
         False,
@@ -428,8 +459,9 @@ def sigmoid_loss(
 ) -> Tensor:
     """SigLIP's pairwise sigmoid loss, -(1/b) sum_ij log sigmoid(z_ij (s I_i.T_j + beta)).
 
-    Same arguments and shapes as :func:`infonce_loss`; z = +1 on each image's positive text and
-    -1 elsewhere. Gradients flow to both features, the scale and the bias. Returns a () float32.
+    Same arguments, shapes and checks as :func:`infonce_loss` (non-finite features give a
+    non-finite loss, unchecked); z = +1 on each image's positive text and -1 elsewhere. Gradients
+    flow to both features, the scale and the bias. Returns a () float32.
     """
     return _loss(
         True,
@@ -445,7 +477,8 @@ def sigmoid_loss(
 
 
 class InfoNCELoss(nn.Module):
-    """Module form of :func:`infonce_loss` (a drop-in for open_clip's ``ClipLoss`` on one device)."""
+    """Module form of :func:`infonce_loss`, same arguments (open_clip's ``ClipLoss`` interface, with
+    its keyword names and ``output_dict``, is :class:`llm2clip_kernels.open_clip.ClipLoss`)."""
 
     def __init__(self, backend: str = "auto"):
         super().__init__()
@@ -456,7 +489,8 @@ class InfoNCELoss(nn.Module):
 
 
 class SigmoidLoss(nn.Module):
-    """Module form of :func:`sigmoid_loss` (a drop-in for open_clip's ``SigLipLoss`` on one device)."""
+    """Module form of :func:`sigmoid_loss`, same arguments (open_clip's ``SigLipLoss`` interface is
+    :class:`llm2clip_kernels.open_clip.SigLipLoss`)."""
 
     def __init__(self, backend: str = "auto"):
         super().__init__()

@@ -4,8 +4,11 @@ Rank r holds b_r image features I_r and t_r text features T_r (normally t_r = b_
 rank pairs with its image i). The global batch is B = sum t_r texts; the loss is the contrastive
 loss over all of them, computed without any rank ever holding more than its own b_r x B tiles:
 
-Forward. Shapes, dtypes and flags are exchanged first (a few ints per rank), so a mismatch raises
-the same clear error on every rank instead of hanging. Every rank's T_r is broadcast
+Forward. Shapes, dtypes, flags, mean_over and the scale and bias values are exchanged first (one
+all-gather of a few ints per rank: the loss's only host sync), so a mismatch raises the same clear
+error on every rank instead of hanging or training on silently different losses. With
+``batch_sizes=`` the caller vouches for all of it and the exchange is skipped: each rank then
+checks only its own inputs (as the single-device loss does). Every rank's T_r is broadcast
 asynchronously; each rank sweeps its local chunk first and each remote chunk as it lands, with
 the fused single-device kernels (row statistics merged across chunks). InfoNCE then needs the
 column log-sum-exp over all B images: the per-column [max, sum, sum over negatives] statistics
@@ -36,7 +39,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _chunked
-from .contrastive_loss import _impl, _is_int_tensor, _prepare, infonce_from_stats, infonce_loss, sigmoid_loss
+from .contrastive_loss import (
+    _check_values,
+    _impl,
+    _index_tensor,
+    _is_int,
+    _prepare,
+    infonce_from_stats,
+    infonce_loss,
+    sigmoid_loss,
+)
 
 _DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 _DEVICE_TYPES = ["cpu", "cuda"]
@@ -49,25 +61,47 @@ def _world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-# Per-rank metadata exchanged before any work: one row of ints per rank.
+# Per-rank metadata exchanged before any work: one row of int64 per rank. logit_scale and
+# logit_bias travel as the bits of their float64 value (compared as floats after the exchange).
 _META = ["error", "b", "t", "feature dim D", "dtype", "device type", "logit_bias given", "group_ids given"]
-_META += ["positive_index given", "loss kind", "min positive", "max positive", "finite scale and bias"]
+_META += ["positive_index given", "loss kind", "mean_over", "min positive", "max positive"]
+_META += ["finite scale and bias", "logit_scale", "logit_bias"]
+_COL = {name: i for i, name in enumerate(_META)}
+# Fields every rank must agree on, checked in this order.
+_MUST_MATCH = [
+    "feature dim D",
+    "dtype",
+    "device type",
+    "logit_bias given",
+    "group_ids given",
+    "positive_index given",
+    "loss kind",
+    "mean_over",
+]
 
 
-def _local_meta(image, text, scale, bias, pos, groups, sigmoid, error) -> Tensor:
+def _float_bits(x: Tensor | None, device) -> Tensor:
+    """(1,) int64 holding the bits of x as float64 (0 for None): no host sync."""
+    if x is None:
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    return x.detach().to(torch.float64).reshape(1).view(torch.int64)
+
+
+def _local_meta(image, text, scale, bias, pos, groups, sigmoid, mean_over, error) -> Tensor:
     """This rank's metadata row (on the features' device; value checks need no host sync)."""
     if error is not None:
         return torch.tensor([1] + [0] * (len(_META) - 1), dtype=torch.int64)
     fields = [0, image.shape[0], text.shape[0], image.shape[1], _DTYPES.index(image.dtype)]
     fields += [_DEVICE_TYPES.index(image.device.type), int(bias is not None), int(groups is not None)]
-    fields += [int(pos is not None), int(sigmoid)]
+    fields += [int(pos is not None), int(sigmoid), MEAN_OVER.index(mean_over)]
     head = torch.tensor(fields, dtype=torch.int64, device=image.device)
     if pos is not None and pos.numel():
         pos_range = torch.stack([pos.min(), pos.max()])
     else:
         pos_range = torch.zeros(2, dtype=torch.int64, device=image.device)
     finite = torch.isfinite(scale) & (torch.isfinite(bias) if bias is not None else True)
-    return torch.cat([head, pos_range, finite.reshape(1).long()])
+    values = [_float_bits(scale, image.device), _float_bits(bias, image.device)]
+    return torch.cat([head, pos_range, finite.reshape(1).long(), *values])
 
 
 def _exchange_meta(local: Tensor, group) -> Tensor:
@@ -82,45 +116,69 @@ def _exchange_meta(local: Tensor, group) -> Tensor:
     return torch.stack(out).cpu()
 
 
+def _column(meta: Tensor, name: str) -> list:
+    col = meta[:, _COL[name]]
+    if name in ("logit_scale", "logit_bias"):
+        return col.contiguous().view(torch.float64).tolist()
+    values = col.tolist()
+    if name == "dtype":
+        return [str(_DTYPES[v]) for v in values]
+    if name == "device type":
+        return [_DEVICE_TYPES[v] for v in values]
+    if name == "mean_over":
+        return [MEAN_OVER[v] for v in values]
+    return values
+
+
+def _raise_invalid_inputs(meta: Tensor, error: Exception | None, group) -> None:
+    """Every rank learns every failed rank's own error (one all_gather_object), then raises."""
+    world = meta.shape[0]
+    failed = [r for r in range(world) if meta[r, _COL["error"]]]
+    if not failed:
+        return
+    messages = [None] * world
+    dist.all_gather_object(
+        messages, None if error is None else f"{type(error).__name__}: {error}", group=group
+    )
+    detail = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
+    raise ValueError(
+        f"distributed loss: invalid input on {len(failed)} of {world} ranks ({detail})"
+    ) from error
+
+
 def _check_meta(meta: Tensor, rank: int, error: Exception | None, group) -> None:
     """The same verdict on every rank, so every rank raises (the same error) or none does."""
+    _raise_invalid_inputs(meta, error, group)
     world = meta.shape[0]
-    failed = [r for r in range(world) if meta[r, 0]]
-    if failed:
-        messages = [None] * world
-        dist.all_gather_object(
-            messages, None if error is None else f"{type(error).__name__}: {error}", group=group
-        )
-        detail = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
-        raise ValueError(
-            f"distributed loss: invalid input on {len(failed)} of {world} ranks ({detail})"
-        ) from error
-    for col in range(3, 10):
-        values = meta[:, col].tolist()
+    for name in _MUST_MATCH:
+        values = _column(meta, name)
         if len(set(values)) > 1:
-            shown = values
-            if _META[col] == "dtype":
-                shown = [str(_DTYPES[v]) for v in values]
-            elif _META[col] == "device type":
-                shown = [_DEVICE_TYPES[v] for v in values]
             raise ValueError(
-                f"ranks disagree on {_META[col]}: {shown} by rank (this is rank {rank}); they must match"
+                f"ranks disagree on {name}: {values} by rank (this is rank {rank}); they must match"
             )
-    empty = [r for r in range(world) if meta[r, 1] == 0 or meta[r, 2] == 0]
+    empty = [r for r in range(world) if meta[r, _COL["b"]] == 0 or meta[r, _COL["t"]] == 0]
     if empty:
         raise ValueError(
             f"ranks {empty} have an empty batch (no images or no texts): every rank needs a pair"
         )
-    bad = [r for r in range(world) if not meta[r, 12]]
+    bad = [r for r in range(world) if not meta[r, _COL["finite scale and bias"]]]
     if bad:
         raise ValueError(f"logit_scale or logit_bias is NaN or infinite on ranks {bad}")
-    B = int(meta[:, 2].sum())
-    if meta[0, 8]:
-        out = [r for r in range(world) if meta[r, 10] < 0 or meta[r, 11] >= B]
+    for name in ("logit_scale", "logit_bias"):
+        values = _column(meta, name)
+        if len(set(values)) > 1:  # as floats: -0.0 == 0.0
+            raise ValueError(
+                f"ranks disagree on {name}: {values} by rank (this is rank {rank}); every rank must "
+                f"pass the same value (a replicated parameter)"
+            )
+    B = int(meta[:, _COL["t"]].sum())
+    if meta[0, _COL["positive_index given"]]:
+        lo, hi = meta[:, _COL["min positive"]], meta[:, _COL["max positive"]]
+        out = [r for r in range(world) if lo[r] < 0 or hi[r] >= B]
         if out:
             raise ValueError(f"positive_index on ranks {out} points outside the {B} global texts")
     else:
-        more = [r for r in range(world) if meta[r, 1] > meta[r, 2]]
+        more = [r for r in range(world) if meta[r, _COL["b"]] > meta[r, _COL["t"]]]
         if more:
             raise ValueError(
                 f"ranks {more} have more images than texts: pass positive_index (global text indices)"
@@ -152,7 +210,7 @@ class _DistributedContrastive(torch.autograd.Function):
         rank, world = _world(group)
         impl = _impl(backend)
         b = image.shape[0]
-        images, sizes = meta[:, 1].tolist(), meta[:, 2].tolist()
+        images, sizes = meta[:, _COL["b"]].tolist(), meta[:, _COL["t"]].tolist()
         offsets = [sum(sizes[:r]) for r in range(world)]
         B = sum(sizes)
         if pos is None:
@@ -258,6 +316,53 @@ class _DistributedContrastive(torch.autograd.Function):
         return (d_image, d_text, d_scale, d_bias) + (None,) * 7
 
 
+def _prepare_local(image, text, logit_scale, logit_bias, positive_index, group_ids, backend, defer):
+    """The single-device checks of this rank's inputs; returns (error, prepared inputs).
+
+    defer: catch the error (returned, None if all is well) instead of raising it: nothing may
+    raise on one rank alone before every rank has seen every verdict. The error is returned
+    without its traceback: that traceback holds this frame, whose f_back is the caller's, so a
+    caller keeping the error in a local would form a reference cycle -- its frame, the process
+    group and the tensors would outlive the call until the cycle collector runs (at interpreter
+    exit, after destroy_process_group, gloo's group is then torn down during finalisation).
+    """
+    scale = bias = None
+    try:
+        image, text, scale, bias, _, _, backend = _prepare(
+            image, text, logit_scale, logit_bias, None, 0, None, backend, allow_more_images=True
+        )
+        to = lambda t: t.to(image.device) if isinstance(t, Tensor) else t
+        if positive_index is not None:
+            shape, what = (image.shape[0],), "global text indices, one per image"
+            positive_index = _index_tensor(to(positive_index), "positive_index", shape, what, image.device)
+        if group_ids is not None:
+            shape = (text.shape[0],)
+            group_ids = _index_tensor(to(group_ids), "group_ids", shape, "one per text", image.device)
+    except (ValueError, TypeError, RuntimeError) as e:
+        if not defer:
+            raise
+        return e.with_traceback(None), (image, text, None, None, positive_index, group_ids, backend)
+    return None, (image, text, scale, bias, positive_index, group_ids, backend)
+
+
+def _meta_from_sizes(batch_sizes, rank: int, world: int, image, text, scale, bias, pos) -> Tensor:
+    """batch_sizes given: no exchange. Only this rank's own values are checked (as the
+    single-device loss checks them, without a host sync on CUDA); what the ranks must agree on
+    (the sizes themselves, D, dtype, flags, scale, bias, mean_over) is the caller's to ensure."""
+    if not isinstance(batch_sizes, (list, tuple)) or not all(_is_int(n) for n in batch_sizes):
+        raise TypeError(f"batch_sizes must be a list of ints (one pair count per rank), got {batch_sizes!r}")
+    n = image.shape[0]
+    if len(batch_sizes) != world or batch_sizes[rank] != n or text.shape[0] != n or min(batch_sizes) < 1:
+        raise ValueError(
+            f"batch_sizes={list(batch_sizes)} must list the {world} ranks' pair counts (each >= 1); rank "
+            f"{rank} has {n} images and {text.shape[0]} texts"
+        )
+    _check_values(scale, bias, pos, sum(batch_sizes))
+    meta = torch.zeros(world, len(_META), dtype=torch.int64)
+    meta[:, _COL["b"]] = meta[:, _COL["t"]] = torch.tensor(list(batch_sizes))
+    return meta
+
+
 def _distributed(
     sigmoid,
     image,
@@ -282,42 +387,16 @@ def _distributed(
         return single(image, text, logit_scale, logit_bias, **kw)
     # Local checks with the single-device rules, but nothing may raise on one rank alone: every
     # rank first learns every other rank's verdict and metadata, then all raise or none does.
-    error, scale, bias = None, None, None
-    try:
-        image, text, scale, bias, _, _, backend = _prepare(
-            image, text, logit_scale, logit_bias, None, 0, None, backend, allow_more_images=True
-        )
-        if positive_index is not None:
-            if positive_index.shape != (image.shape[0],) or not _is_int_tensor(positive_index):
-                raise ValueError(f"positive_index must be an integer tensor of shape ({image.shape[0]},)")
-            positive_index = positive_index.to(image.device).long()
-        if group_ids is not None:
-            if group_ids.shape != (text.shape[0],) or not _is_int_tensor(group_ids):
-                raise ValueError(
-                    f"group_ids must be an integer tensor of shape ({text.shape[0]},), one per text"
-                )
-            group_ids = group_ids.to(image.device).long()
-    except (ValueError, TypeError, RuntimeError) as e:
-        error = e
-    if batch_sizes is None:
-        local = _local_meta(image, text, scale, bias, positive_index, group_ids, sigmoid, error)
+    # With batch_sizes the caller vouches for the ranks' agreement and a local error raises here.
+    defer = batch_sizes is None
+    args = (image, text, logit_scale, logit_bias, positive_index, group_ids, backend, defer)
+    error, (image, text, scale, bias, positive_index, group_ids, backend) = _prepare_local(*args)
+    if defer:
+        local = _local_meta(image, text, scale, bias, positive_index, group_ids, sigmoid, mean_over, error)
         meta = _exchange_meta(local, group)
         _check_meta(meta, rank, error, group)
     else:
-        # The caller vouches for every rank's sizes: no exchange, no host sync, no cross-rank check.
-        if error is not None:
-            raise error
-        if (
-            len(batch_sizes) != world
-            or batch_sizes[rank] != image.shape[0]
-            or text.shape[0] != image.shape[0]
-        ):
-            raise ValueError(
-                f"batch_sizes={list(batch_sizes)} must list the {world} ranks' pair counts; rank {rank} has "
-                f"{image.shape[0]} images and {text.shape[0]} texts"
-            )
-        meta = torch.zeros(world, len(_META), dtype=torch.int64)
-        meta[:, 1] = meta[:, 2] = torch.tensor(list(batch_sizes))
+        meta = _meta_from_sizes(batch_sizes, rank, world, image, text, scale, bias, positive_index)
     return _DistributedContrastive.apply(
         image, text, scale, bias, positive_index, group_ids, sigmoid, mean_over, backend, group, meta
     )
@@ -341,17 +420,26 @@ def distributed_infonce_loss(
     Args:
         image_feats: (b_r, D) this rank's image features.
         text_feats: (t_r, D) this rank's text features (t_r may differ across ranks).
-        logit_scale, logit_bias: as in :func:`infonce_loss` (the same value on every rank).
+        logit_scale, logit_bias: as in :func:`infonce_loss`; every rank must pass the same
+            value (checked, in the metadata exchange).
         positive_index: optional (b_r,) global text indices (ranks' texts concatenated in rank
             order); default: image i pairs with this rank's text i.
         group_ids: optional (t_r,) group ids of this rank's texts (duplicates across ranks too).
-        mean_over: 'local' (open_clip's convention) or 'global'; see the module docstring.
-        batch_sizes: optional list of every rank's pair count (b_r = t_r). Given, the ranks skip
-            the per-step metadata exchange (its small all-gather is the loss's only host sync)
-            and with it the cross-rank checks: a mismatch is then the caller's to avoid.
+        mean_over: 'local' (open_clip's convention) or 'global', the same on every rank
+            (checked); see the module docstring.
+        batch_sizes: optional list of every rank's pair count (ints; b_r = t_r). Given, the ranks
+            skip the per-step metadata exchange (its small all-gather is the loss's only host
+            sync) and with it every cross-rank check (sizes, D, dtype, flags, scale, bias,
+            mean_over): a mismatch is then the caller's to avoid. Each rank still checks its
+            own inputs as :func:`infonce_loss` does (a finite scale and bias, positive_index
+            inside the global texts; device-side asserts on CUDA).
     Returns:
         () this rank's loss. Without an initialised process group (or with one rank) this is
-        :func:`infonce_loss`. Uses any torch.distributed backend (NCCL, gloo).
+        :func:`infonce_loss`. Uses any torch.distributed backend (NCCL, gloo). Invalid input on
+        any rank, or ranks that disagree, make every rank raise the same ValueError. NaN or
+        infinite features are not checked: InfoNCE shares column statistics, so every rank's
+        loss becomes non-finite; with the sigmoid loss, a non-finite image feature makes its own
+        rank's loss non-finite and a non-finite text feature every rank's.
     """
     return _distributed(
         False,

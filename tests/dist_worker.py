@@ -8,9 +8,11 @@ and saves its loss and gradients to OUT/rank{r}.pt for the parent to compare.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import traceback
+import types
 from datetime import timedelta
 
 import torch
@@ -101,20 +103,47 @@ def literal_open_clip(case, image, text, rank, world):
 
 
 def run_mismatch(case: dict, rank: int) -> dict:
-    from llm2clip_kernels import distributed_infonce_loss
+    """Inputs that are invalid on one rank, or that the ranks disagree on (rank 1 is the odd one
+    unless the case says otherwise); returns the error this rank raised, or its loss."""
+    from llm2clip_kernels import distributed_infonce_loss, distributed_sigmoid_loss
 
-    D = case["D"] + (case.get("bad_D", 0) if rank == 1 else 0)
-    dtype = DTYPES[case["dtype"]]
-    if rank == 1 and case.get("bad_dtype"):
-        dtype = DTYPES[case["bad_dtype"]]
-    b = 0 if (rank == 1 and case.get("empty")) else 4
+    odd = rank == 1
+    D = case["D"] + (case.get("bad_D", 0) if odd else 0)
+    dtype = DTYPES[case["bad_dtype"] if odd and case.get("bad_dtype") else case["dtype"]]
+    b = 0 if (odd and case.get("empty")) else 4
     image, text = torch.randn(b, D, dtype=dtype), torch.randn(b, D, dtype=dtype)
-    bias = 0.5 if (rank == 0 and case.get("bias_on_rank0")) else None
+    if odd and case.get("nan_image"):
+        image[1, 2] = float("nan")
+    scale = case.get("scale", 10.0) + (case.get("bad_scale", 0.0) if odd else 0.0)
+    bias = case.get("bias")
+    if rank == 0 and case.get("bias_on_rank0"):
+        bias = 0.5
+    if odd and "bad_bias" in case:
+        bias = case["bad_bias"]
+    kw = dict(backend="torch", mean_over=case.get("mean_over", "local"))
+    if odd and case.get("bad_mean_over"):
+        kw["mean_over"] = case["bad_mean_over"]
+    if "batch_sizes" in case:
+        kw["batch_sizes"] = case["batch_sizes"]
+    fn = distributed_sigmoid_loss if case.get("loss") == "sigmoid" else distributed_infonce_loss
+    gc.collect()
+    gc.disable()  # what reference counting alone frees: a cycle would keep the group alive
     try:
-        distributed_infonce_loss(image, text, 10.0, bias, backend="torch")
+        result = {"error": None, "loss": fn(image, text, scale, bias, **kw).detach()}
     except Exception as e:  # the error each rank raises is what the test checks
-        return {"error": f"{type(e).__name__}: {e}"}
-    return {"error": None}
+        result = {"error": f"{type(e).__name__}: {e}"}
+    result["live_frames"] = kernel_frames()
+    gc.enable()
+    return result
+
+
+def kernel_frames() -> list[str]:
+    """Functions of llm2clip_kernels whose frames are still alive (kept by a reference cycle)."""
+    import llm2clip_kernels
+
+    root = os.path.dirname(llm2clip_kernels.__file__)
+    frames = [o for o in gc.get_objects() if isinstance(o, types.FrameType)]
+    return sorted(f.f_code.co_name for f in frames if f.f_code.co_filename.startswith(root))
 
 
 def main():

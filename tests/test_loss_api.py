@@ -85,10 +85,17 @@ def _skip_value_checks_on_cuda(device):
         ("positive_index_float", TypeError, r"positive_index must be an integer tensor"),
         ("positive_offset_too_large", ValueError, r"positive_offset=3 puts the positives"),
         ("positive_offset_negative", ValueError, r"positive_offset=-1 puts the positives"),
+        ("positive_offset_float", TypeError, r"positive_offset must be an int, got float 1.5"),
+        ("positive_offset_bool", TypeError, r"positive_offset must be an int, got bool True"),
+        ("positive_offset_and_index", ValueError, r"pass positive_index or positive_offset, not both"),
         ("group_ids_shape", ValueError, r"group_ids must have shape \(9,\)"),
         ("group_ids_float", TypeError, r"group_ids must be an integer tensor"),
         ("scale_shape", ValueError, r"logit_scale must hold one value"),
         ("scale_type", TypeError, r"logit_scale must be a tensor or a number"),
+        ("scale_bool_tensor", TypeError, r"logit_scale must be a real number, not a torch.bool tensor"),
+        ("scale_bool", TypeError, r"logit_scale must be a tensor or a number, not a bool \(True\)"),
+        ("bias_bool_tensor", TypeError, r"logit_bias must be a real number, not a torch.bool tensor"),
+        ("scale_complex", TypeError, r"logit_scale must be a real number, not a torch.complex64 tensor"),
         ("bias_shape", ValueError, r"logit_bias must hold one value"),
         ("unknown_backend", ValueError, r"backend must be one of"),
     ],
@@ -126,6 +133,13 @@ def test_invalid_input_raises(backend, device, kind, case, error, match):
         kwargs["positive_offset"] = B - b + 1
     elif case == "positive_offset_negative":
         kwargs["positive_offset"] = -1
+    elif case == "positive_offset_float":
+        kwargs["positive_offset"] = 1.5  # inside [0, B - b]: it used to pass the range check
+    elif case == "positive_offset_bool":
+        kwargs["positive_offset"] = True
+    elif case == "positive_offset_and_index":
+        kwargs["positive_offset"] = 1
+        kwargs["positive_index"] = torch.arange(b, device=device)
     elif case == "group_ids_shape":
         kwargs["group_ids"] = torch.arange(b, device=device)
     elif case == "group_ids_float":
@@ -134,6 +148,14 @@ def test_invalid_input_raises(backend, device, kind, case, error, match):
         scale = torch.ones(2, device=device)
     elif case == "scale_type":
         scale = "2.0"
+    elif case == "scale_bool_tensor":
+        scale = torch.tensor(True, device=device)
+    elif case == "scale_bool":
+        scale = True
+    elif case == "bias_bool_tensor":
+        bias = torch.tensor(False, device=device)
+    elif case == "scale_complex":
+        scale = torch.tensor(2.0 + 0j, device=device)
     elif case == "bias_shape":
         bias = torch.zeros(1, 2, device=device)
     elif case == "unknown_backend":
@@ -185,6 +207,20 @@ def test_invalid_values_raise(backend, device, kind, case, match):
         raise AssertionError(case)
     with pytest.raises(ValueError, match=match):
         LOSSES[kind](image, text, scale, bias, **kwargs)
+
+
+@backends
+@losses
+@pytest.mark.parametrize("where", ["image", "text"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_features_give_non_finite_loss(backend, device, kind, where, value):
+    """Documented: features are not checked (a pass over them, and a host sync on CUDA); a NaN or
+    infinite feature makes the loss NaN or infinite, never a finite number, and raises nothing."""
+    image, text = _features(5, 7, 8, device)
+    (image if where == "image" else text)[3, 2] = value
+    bias = torch.tensor(-1.0, device=device)
+    loss = LOSSES[kind](image, text, torch.tensor(4.0, device=device), bias, backend=backend)
+    assert not torch.isfinite(loss), f"{where} feature {value} gave the finite loss {loss.item()}"
 
 
 @backends
