@@ -1,22 +1,6 @@
-"""The benchmark harness. A script in bench/ declares its options, its cases and how one case is
-measured; this module owns the rest (Liger-Kernel's benchmark/scripts/utils.py is the model):
-
-- :func:`parser` / :func:`parse`: the standard flags (--device, --quick, --seed, --threads,
-  --warmup-ms, --rep-ms, --repeats, --max-seconds, --out, --tag, --no-plot, --json) beside the
-  script's own, declared as ``(flag, type, default, help)`` tuples;
-- :class:`Run`: the run's metadata (timestamp, git sha, device, torch / triton / python versions,
-  load average, the resolved config and argv), its rows, one JSON file rewritten after every row
-  (a run stopped by ``timeout`` keeps what it measured), targets, the markdown table and the plot;
-- :meth:`Run.sweep`: the case loop. A failed case is a row (``oom`` / ``error``) that skips the
-  larger cases of its group, ``--max-seconds`` turns the remaining cases into ``skipped`` rows,
-  SIGTERM ends the run with its files written; the exit status is 1 when a case errored;
-- measurement helpers: do_bench / perf_counter quantiles, the matmul ceiling, peak memory;
-- :func:`table` / :func:`plot`: text and markdown tables from column specs, log-log plots from
-  panel specs.
-
-Output files: ``<name>-<device>-<card>[-<mode>][-<tag>]-<time>.{json,md,png}`` in --out
-(default bench/results). The scripts import this as ``bench.common``; run as
-``python bench/<name>.py`` they first put the repository root on ``sys.path``.
+"""The benchmark harness: standard flags, run metadata, the case loop, JSON / markdown / PNG output
+and the measurement helpers; a script declares its options, cases and measurement. The contract
+(flags, file names, rows, targets) is in bench/README.md, "The harness".
 """
 
 from __future__ import annotations
@@ -46,6 +30,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 QUANTILES = [0.5, 0.2, 0.8]  # median, p20, p80
 STYLES = ("-", "--", ":", "-.")  # line styles of a plot's `style` values
+VERDICT = {True: "PASS", False: "FAIL", None: "not measured"}  # a target's `pass`
 
 
 def import_kernels():
@@ -67,9 +52,6 @@ def import_kernels():
             sys.modules.pop("llm2clip_kernels", None)
             raise
         return mod
-
-
-# ----------------------------------------------------------------------------- arguments
 
 
 def str_list(s: str) -> tuple[str, ...]:
@@ -128,38 +110,19 @@ def parser(doc: str, options=(), std=("device",), plot=True, out=True, **overrid
 
 
 def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse, resolve --device (auto -> cuda when available) and apply --threads."""
+    """Parse, resolve --device (auto: cuda when available; cuda missing exits) and apply --threads."""
     args = p.parse_args(argv)
-    if hasattr(args, "device"):
-        args.device = resolve_device(args.device)
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
-    return args
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> cuda when available, else cpu; exits when cuda is asked for and missing."""
+    if not hasattr(args, "device") and not getattr(args, "threads", None):
+        return args  # torch not imported (roofline)
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+    if getattr(args, "device", None) == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
-    return device
-
-
-# ----------------------------------------------------------------------------- metadata
-
-
-def utc_timestamp() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def file_stamp() -> str:
-    """Local time as YYYYmmdd-HHMMSS, the last word of the output file names."""
-    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def loadavg():
@@ -175,25 +138,12 @@ def git(*a) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def git_meta() -> dict:
-    status = git("status", "--porcelain")
-    return {"git_sha": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status)}
-
-
 def cpu_name() -> str:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
 
 
 def device_meta(device: str) -> dict:
@@ -212,33 +162,29 @@ def device_meta(device: str) -> dict:
     return {"device_name": cpu_name(), "cpu_threads": torch.get_num_threads()}
 
 
-def config_of(args) -> dict:
-    """The resolved argparse namespace as JSON-ready values (paths as strings)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
 def run_meta(args, argv=None, device: str = "cpu") -> dict:
     import torch
 
+    try:
+        import triton
+    except ImportError:
+        triton = None
+    status = git("status", "--porcelain")
     return {
-        "timestamp": utc_timestamp(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
         "torch": torch.__version__,
-        "triton": triton_version(),
+        "triton": triton and triton.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
         "cpu": cpu_name(),
         "loadavg_start": loadavg(),
         **device_meta(device),
-        **git_meta(),
-        "config": config_of(args),
+        "git_sha": git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "argv": sys.argv if argv is None else list(argv),
     }
-
-
-def card_tag(device_name: str, fallback: str) -> str:
-    """A card name reduced to a file-name word: alphanumerics, '-' for the rest, at most 40."""
-    return "".join(c if c.isalnum() else "-" for c in device_name).strip("-")[:40] or fallback
 
 
 def write_json_atomic(path: Path, doc) -> None:
@@ -246,9 +192,6 @@ def write_json_atomic(path: Path, doc) -> None:
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str))
     os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- the run
 
 
 class Stop(Exception):
@@ -286,8 +229,10 @@ class Run:
         self.catch = True  # False: a failing case raises (distributed: the other ranks would hang)
         self.agree = lambda flag: flag  # distributed: rank 0's decision on every rank
         self._failed: dict = {}
-        card = card_tag(self.meta["device_name"], self.device)
-        stem = "-".join(str(w) for w in (name, self.device, card, mode, args.tag, file_stamp()) if w)
+        # the card as a file-name word: alphanumerics, '-' for the rest, at most 40
+        card = "".join(c if c.isalnum() else "-" for c in self.meta["device_name"]).strip("-")[:40]
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        stem = "-".join(str(w) for w in (name, self.device, card or self.device, mode, args.tag, stamp) if w)
         self.stem = Path(args.out) / stem
         if writer:
             self.stem.parent.mkdir(parents=True, exist_ok=True)
@@ -404,7 +349,7 @@ class Run:
             print(f"\ntargets (this card: {self.meta['device_name']}):")
         for t in targets:
             v = f"{t['value']:.4g}" if isinstance(t["value"], float) else t["value"]
-            verdict = {True: "PASS", False: "FAIL", None: "not measured"}[t["pass"]]
+            verdict = VERDICT[t["pass"]]
             print(f"- {t['target']}: {v} -> {verdict}" + (f" ({t['note']})" if t.get("note") else ""))
         print(f"\nresults: {self.path('json')}")
         if md is not None:
@@ -418,23 +363,16 @@ class Run:
         return 1 if any(r.get("status") == "error" for r in self.rows) else 0
 
 
-# ----------------------------------------------------------------------------- devices and memory
-
-
-def _oom_types() -> tuple:
+def is_oom(exc: BaseException) -> bool:
+    """Whether exc is an out-of-memory error (host, CUDA, cuBLAS workspace or Triton resources)."""
     import torch
 
-    types = [torch.cuda.OutOfMemoryError]
+    oom = [MemoryError, torch.cuda.OutOfMemoryError]
     with contextlib.suppress(Exception):
         from triton.runtime.errors import OutOfResources
 
-        types.append(OutOfResources)
-    return tuple(types)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Whether exc is an out-of-memory error (host, CUDA, cuBLAS workspace or Triton resources)."""
-    if isinstance(exc, (MemoryError, *_oom_types())):
+        oom.append(OutOfResources)
+    if isinstance(exc, tuple(oom)):
         return True
     msg = str(exc)
     return isinstance(exc, RuntimeError) and (
@@ -514,9 +452,6 @@ class PeakMemory:
             return (torch.cuda.max_memory_allocated() - self.base) / 2**20
         hwm = proc_status_kib("VmHWM")
         return None if self.base is None or hwm is None else max(0, hwm * 1024 - self.base) / 2**20
-
-
-# ----------------------------------------------------------------------------- timing
 
 
 def ms_quantiles(seconds: list[float]) -> tuple[float, float, float]:
@@ -632,9 +567,6 @@ def contrastive_inputs(b, B, D, dtype, device, seed, scale=1 / 0.07, bias=-10.0)
     return feats[0], feats[1], scale, bias
 
 
-# ----------------------------------------------------------------------------- tables
-
-
 def fmt(v, spec: str) -> str:
     """format(v, spec); '-' for None."""
     return "-" if v is None else format(v, spec)
@@ -669,9 +601,6 @@ def table(rows, cols, md: bool = False) -> str:
         )
     text = ["  ".join(line(c)).rstrip() for c in [heads, *body]]
     return "\n".join([text[0], "-" * len(text[0]), *text[1:]])
-
-
-# ----------------------------------------------------------------------------- plots
 
 
 @dataclasses.dataclass

@@ -19,41 +19,12 @@ if __package__ in (None, ""):  # run as bench/gpu_summary.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
 
-LOSS_FIELDS = (
-    "method",
-    "world",
-    "b",
-    "B",
-    "D",
-    "fwd_ms",
-    "bwd_ms",
-    "fwd_bwd_ms",
-    "roofline_fwd_bwd_ms",
-    "fwd_bwd_of_roofline",
-    "fwd_bwd_tflops",
-    "peak_extra_mib",
-)
+LOSS_FIELDS = tuple("method world b B D fwd_ms bwd_ms fwd_bwd_ms roofline_fwd_bwd_ms fwd_bwd_of_roofline "
+                    "fwd_bwd_tflops peak_extra_mib".split())  # fmt: skip
 DECODE_FIELDS = ("short_side", "images", "pil_per_s", "draft_per_s", "draft_speedup", "nvjpeg_per_s")
-BREAKDOWN_FIELDS = (
-    "model",
-    "batch",
-    "chunk",
-    "step_ms",
-    "loss_ms",
-    "gather_ms",
-    "gather_device_ms",
-    "data_ms",
-    "data_passes",
-    "data_workers",
-    "decode_per_worker_per_s",
-    "decode_ms",
-    "data_wait_ms",
-    "workers_keep_up",
-    "workers_needed",
-    "parts_ms",
-    "fraction",
-    "decode_source",
-)
+BREAKDOWN_FIELDS = tuple("model batch chunk step_ms loss_ms gather_ms gather_device_ms data_ms data_passes "
+                         "data_workers decode_per_worker_per_s decode_ms data_wait_ms workers_keep_up "
+                         "workers_needed parts_ms fraction decode_source".split())  # fmt: skip
 
 
 # fmt: off
@@ -95,13 +66,10 @@ def tests_of(path: str) -> list[dict]:
             if node is not None:
                 outcome, detail = name, (node.get("message") or "").strip().splitlines()
                 break
+        test = f"{case.get('classname')}::{case.get('name')}"
+        detail = detail[0][:300] if detail else ""
         tests.append(
-            {
-                "test": f"{case.get('classname')}::{case.get('name')}",
-                "outcome": outcome,
-                "seconds": float(case.get("time") or 0),
-                "detail": detail[0][:300] if detail else "",
-            }
+            {"test": test, "outcome": outcome, "seconds": float(case.get("time") or 0), "detail": detail}
         )
     return tests
 
@@ -112,18 +80,9 @@ def targets_of(out: str) -> list[dict]:
     for path in sorted(glob.glob(os.path.join(out, "*.json"))):
         doc = load(path) if os.path.basename(path) not in ("results.json", "kernel_resources.json") else None
         for t in doc.get("targets", []) if isinstance(doc, dict) else []:
-            verdict = {True: "PASS", False: "FAIL", None: "not measured"}.get(
-                t.get("pass"), str(t.get("pass"))
-            )
-            targets.append(
-                {
-                    "source": os.path.basename(path),
-                    "target": t.get("target"),
-                    "verdict": verdict,
-                    "value": t.get("value"),
-                    "note": t.get("note"),
-                }
-            )
+            verdict = common.VERDICT.get(t.get("pass"), str(t.get("pass")))
+            targets.append({"source": os.path.basename(path), "target": t.get("target"), "verdict": verdict,
+                            "value": t.get("value"), "note": t.get("note")})  # fmt: skip
     return targets
 
 
