@@ -1,14 +1,6 @@
-"""Cost of cache integrity checks on the CPU: rows/s gathered through DeviceRows with the cache
-opened verify="off" and verify="lazy" (first touch of every block, then verified), the cost of
-check_rows alone, and the GB/s of a full verification (`python -m llm2clip.cache verify`).
-
-A synthetic cache (random embeddings, one caption per row) is written with CacheWriter into
---workdir; its files sit in the page cache, so the numbers are the CPU cost (crc32, sha256, the
-gather), not the disk's. Batches are --batch random rows, enough that the first pass touches every
-rows.bin block: "1st" is that pass on a fresh open, "again" later passes (off and lazy
-interleaved, median of 3). "check" is cache.check_rows alone: GB/s of the blocks its first pass
-verified, then microseconds per batch. "full" opens with verify="full" (block crc32s), "+sha256"
-with sha256=True as well: GB/s of all the cache's files. Every repeat runs on fresh opens.
+"""Cost of cache integrity checks on the CPU: rows/s gathered through DeviceRows with verify="off"
+and "lazy" (first pass, then again), check_rows alone, and the GB/s of a full verification, on a
+synthetic page-cached cache (the CPU cost, not the disk's). Details: bench/README.md, docs/cache.md.
 
     python bench/cache_verify.py                           # bf16, dim 4096 (8 KiB rows), 32768 rows
     python bench/cache_verify.py --rows 4096 --repeats 3   # a quick look

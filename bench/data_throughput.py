@@ -1,22 +1,9 @@
 """Data path throughput: shard reading, and decoded + augmented samples/s per worker at 224 px.
 
-One process, one torch thread: what one DataLoader worker does.
-
-- ``read``: the tar walk of llm2clip.data.shards on a page-cached local shard of realistic JPEGs
-  (full read, the quarter of the images a worker of 4 reads, the header-only count), beside
-  webdataset's streaming ``tar_file_iterator`` (full, a quarter through its member selection) and
-  the shard streamed through ``pipe:cat`` (the URL path). Best of --repeats.
-- ``decode``: per sample, what ShardImageDataset does (decode, random-resized crop with scale
-  (0.9, 1.0) to 224 x 224 bicubic, uint8 tensor) for each decode path: ``pil`` (the whole JPEG,
-  then crop + resample), ``draft`` (the same box, the JPEG decoded at 1/2-1/8 scale by libjpeg
-  first) and, with CUDA and torchvision, ``nvjpeg`` (torchvision.io.decode_jpeg(device="cuda") on
-  batches of 256, crop + resize on the GPU); plus the pixel difference draft vs pil.
-
-Images: photographs (matplotlib's grace_hopper.jpg and, when installed, the Tux Paint stamp
-photos) randomly cropped and re-encoded as JPEG (quality 90) with the shorter side at each --sizes
-value (img2dataset's keep_ratio resize; 512 is the common choice for CC3M/CC12M). Target (issue
-#16): draft >= 2x pil samples/s per core at 224 px from 512 px JPEGs. :func:`worker_rate` is the
-number bench/train_throughput.py's breakdown builds its data cost on.
+One process, one torch thread: what one DataLoader worker does. ``read``: our tar walk beside
+webdataset's; ``decode``: the pil, draft and (CUDA + torchvision) nvjpeg paths on JPEGs
+re-encoded from photographs. Target: draft >= 2x pil per core from 512 px JPEGs. Details:
+bench/README.md; :func:`worker_rate` feeds bench/train_throughput.py's breakdown.
 
     python bench/data_throughput.py                 # read + decode at shorter sides 400,512,600
     python bench/data_throughput.py --quick         # fewer images, ~30 s
@@ -283,11 +270,7 @@ def main(argv=None) -> int:
     )
     args = common.parse(p, argv)
     if args.quick:
-        args.images, args.read_samples, args.repeats = (
-            QUICK["images"],
-            QUICK["read_samples"],
-            QUICK["repeats"],
-        )
+        vars(args).update(QUICK)
     args.nvjpeg = False
     if args.device == "cuda":
         try:

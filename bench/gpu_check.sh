@@ -1,50 +1,15 @@
 #!/usr/bin/env bash
-# GPU check: install in place (no network: the pure-Python wheels the project needs come from
-# .whl/; the C++/CUDA gather extension is built for sm_90 when nvcc is there), record the machine,
-# then: the kernel resource report (CPU, in the background), the GPU tests, a W=8 simulated
-# distributed loss step, the cache gather tiers, attention, extraction, the data path's decode
-# rates (nvJPEG included), the training step (its breakdown's data cost built on those rates) and
-# the single-device loss --quick sweep (roofline column); last, one results JSON and one markdown
-# summary of everything.
+# GPU check on a machine without network (torch and triton preinstalled): install in place (wheels
+# from .whl/), record the machine, run the GPU tests and the benchmarks each under `timeout` within
+# GPU_CHECK_BUDGET_S (default 480 s), then bench/gpu_summary.py writes results.json and summary.md.
+# The steps, their caps, the environment overrides and the outputs: bench/README.md, "gpu_check.sh".
+# Exit status 0 only if the wheels, the install, the tests, the resource report and every benchmark
+# succeeded; the benchmarks run even when tests fail.
 #
 #   bash bench/gpu_check.sh OUT_DIR
 #
 # Under the device tool, which brings back at most 8 files, write elsewhere and pack:
 #   bash bench/gpu_check.sh /tmp/gc; cp /tmp/gc/results.json /tmp/gc/summary.md "$OUT"; tar czf "$OUT/gpu_check.tgz" -C /tmp/gc .
-#
-# Meant for a GPU machine without network where torch and triton are preinstalled system-wide.
-# Every step runs under `timeout`; the whole script is budgeted to GPU_CHECK_BUDGET_S seconds
-# (default 480 s: about 8 minutes on one H100/H200, inside the device tool's 10-minute command
-# limit). Caps: install <= 100 s, GPU tests <= 115 s, simulated W <= 25 s, cache gather <= 30 s,
-# attention <= 30 s, extraction <= 25 s, data decode <= 25 s, training step <= 50 s, and the loss
-# sweep gets what is left (at least 60 s are kept for it and 10 s for the summary); a step never
-# gets more than the budget has left. The kernel resource report (bench/kernel_resources.py: compiling only, no GPU)
-# runs in the background from the install on, <= 150 s. Exit status: 0 only if the install, the
-# tests, the resource report and every benchmark run succeeded; the benchmarks run even when tests
-# fail.
-#
-# Writes into OUT_DIR:
-#   results.json    every step (status, seconds, log), every GPU test's outcome, every target's
-#                   verdict, the loss rows with their roofline fraction, the decode rates, the
-#                   training step's breakdown, the resource report
-#   summary.md      the same as a page: steps, failed tests, targets, loss vs roofline, data path,
-#                   breakdown, resources
-#   gpu_check.log   step log, nvidia-smi, versions, install output
-#   pytest.log, pytest.xml (JUnit), kernel_resources.log/.json/.md, sim.log, cache_gather.log,
-#   attention.log, extract.log, data.log, train.log, bench.log, and the benchmarks' JSON / PNG / MD
-#
-# Wheels placed in .whl/ at the repository root are installed with --no-index --no-deps into a
-# temporary folder put on PYTHONPATH. Required (pure Python, not on the GPU image): webdataset and
-# braceexpand (`pip download --no-deps webdataset braceexpand -d .whl`); without them the check
-# names them and fails its "wheels" step. Optional: inf_cl-*.whl (the Inf-CL baseline).
-#
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S, PYTEST_ARGS (default: the test files
-# that use CUDA, found by grep), SIM_ARGS (default "--simulate-world 8 --batches 32768,131072
-# --dims 1024"; empty skips the step), TRAIN_ARGS, CACHE_ARGS, EXTRACT_ARGS (default "--quick";
-# empty skips), ATTN_ARGS, DATA_ARGS (default "--only decode --sizes 512 --quick"; empty skips),
-# BENCH_ARGS (bench/loss_throughput.py, default "--quick"), RESOURCE_ARGS (arguments for
-# bench/kernel_resources.py, default "--dtypes bf16,fp16"; RESOURCE_ARGS=skip skips it), SKIP_INSTALL=1 (use the project as
-# installed, when it imports).
 
 set -u -o pipefail
 

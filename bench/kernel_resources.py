@@ -1,37 +1,13 @@
 """Registers, spills, shared memory and occupancy of every loss kernel on Hopper (sm_90a), no GPU.
 
-Triton kernels: the host launchers of ``llm2clip_kernels._triton`` run on CPU tensors of real
-shapes with ``_launch`` recording instead of launching, for every variant (bf16 / fp16 / fp32;
-InfoNCE / sigmoid; with and without a bias; with and without group ids) at b = B = 4096 (one
-backward superblock: no accumulator) and b = B = 24576 (3 x 3 superblocks: fp32 accumulators
-loaded and stored). Each recorded launch is specialised the way Triton's JIT specialises it at a
-real launch (an integer argument equal to 1 becomes a constant; pointers and integers divisible by
-16 carry the divisibility hint that lets loads vectorise and the K loop pipeline) and compiled for
-sm_90a with every autotune config of its kernel. Triton's bundled ptxas (``-v``, the options Triton
-itself uses) reports registers, spill stores / loads and the stack frame; the compiled kernel gives
-its dynamic shared memory and whether its PTX has wgmma. Compiling is seconds per config and runs
-in ``--jobs`` processes, each with an empty Triton cache.
-
-CUDA extension: csrc/gather_kernels.cu compiled with ``nvcc -Xptxas -v`` for sm_90 (the arch the
-extension is built for), block sizes from each kernel's launch bounds (cuobjdump).
-
-Occupancy: resident warps per SM from the H100 / H200 SM limits (compute capability 9.0, CUDA C++
-Programming Guide, "Technical Specifications per Compute Capability"): 65536 32-bit registers
-allocated per warp in units of 256, 228 KiB shared memory per SM (at most 227 KiB per block, and
-1 KiB reserved per block), at most 64 warps and 32 blocks per SM.
-
-Main paths (what CI holds spill-free, tests/test_kernel_resources.py): bf16 and fp16 inputs,
-InfoNCE without a bias and the sigmoid loss with one, each with and without group ids, every
-kernel they launch (forward, positive logits, dS tiles, the backward GEMMs with and without an
-accumulator), every autotune config.
+The host launchers of ``llm2clip_kernels._triton`` run on CPU tensors with ``_launch`` recording
+instead of launching; each launch is specialised as Triton's JIT does and compiled for sm_90a
+with every autotune config (``ptxas -v``); the CUDA extension through ``nvcc -Xptxas -v``. How and
+why: bench/README.md; the table and its reading: docs/loss.md.
 
     python bench/kernel_resources.py                      # everything (~300 compiles), table + JSON
     python bench/kernel_resources.py --paths main --dtypes bf16,fp16 --no-cuda-ext --fail-on-spill
     python bench/kernel_resources.py --first-config       # every variant compiles (its smallest config)
-
-Writes kernel_resources-<time>.json and .md into --out (default bench/results/); prints the table.
-Exit status 1 when a main-path config spills or does not fit (with --fail-on-spill), or when a
-kernel does not compile.
 """
 
 from __future__ import annotations
@@ -54,7 +30,8 @@ if __package__ in (None, ""):  # run as bench/kernel_resources.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402
 
-# H100 / H200 (sm_90) per-SM limits; see the module docstring for the source.
+# H100 / H200 (sm_90) per-SM limits: CUDA C++ Programming Guide, "Technical Specifications per
+# Compute Capability" (9.0).
 REGS_PER_SM = 65536
 REG_ALLOC_UNIT = 256  # registers per warp are allocated in multiples of this
 SMEM_PER_SM = 228 * 1024
@@ -533,7 +510,7 @@ def summarize(rows, ext_rows) -> dict:
 OPTIONS = [
     ("--dtypes", common.str_list, DTYPES, "input dtypes (default bf16,fp16,fp32)"),
     ("--paths", ("all", "main", "other"), "all",
-     "all variants (default), the main paths only (see the module docstring), or the others"),
+     "all variants (default), the main paths only (16-bit, InfoNCE / sigmoid+bias), or the others"),
     ("--first-config", bool, False, "one autotune config per kernel, the smallest tiles (a compile check)"),
     ("--kernels", common.str_list, None, "only these kernels of _triton.KERNELS (default: all)"),
     ("--batches", common.int_list, BATCHES,

@@ -1,17 +1,7 @@
 """The distributed mode of bench/loss_throughput.py (``torchrun ... --distributed``; the CLI lives
-there and imports this module, never the reverse): per rank and per (loss, b, D), B = W * b,
-
-    step     one forward+backward of distributed_infonce_loss (distributed_sigmoid_loss)
-    comm     the collectives that step issues, with no compute (:func:`comm_only`)
-    compute  the same kernels with no communication: single-device infonce_loss (sigmoid_loss)
-             of the local (b, D) images against a (B, D) text tensor
-    hidden   (compute + comm - step) / comm clipped to [0, 1]
-    peak     peak memory of one step over what is held before it (common.PeakMemory)
-
-Every timed region starts after a barrier (and a device synchronise), so the ranks run it
-together; CUDA regions are timed with CUDA events, CPU regions with perf_counter; step, comm and
-compute are interleaved rep by rep. Rank 0 gathers every rank's row after each case and rewrites
-the JSON. A failing case raises (the other ranks would wait in a collective forever).
+there and imports this module, never the reverse): per rank and per (loss, b, D), B = W * b, the
+step, its collectives alone, the kernels alone, the hidden fraction and peak memory (the columns:
+bench/README.md). A failing case raises: the other ranks would wait in a collective forever.
 """
 
 from __future__ import annotations

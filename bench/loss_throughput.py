@@ -1,16 +1,10 @@
 """Contrastive-loss throughput and memory: llm2clip_kernels against the usual ways to write it.
 
-Methods (the symmetric InfoNCE of docs/loss.md section 1; b == B, diagonal positives): ``ours``
-(llm2clip_kernels.infonce_loss), ``naive`` (full b x B logits, cross entropy both ways),
-``openclip-local`` (open_clip ClipLoss local_loss: two b x B GEMMs), ``infcl`` (PyPI inf-cl, CUDA
-only) and with --sigmoid ``ours-sigmoid`` / ``naive-sigmoid`` (SigLIP). Every method is credited
-8bBD FLOPs per forward+backward; "x floor" = time / (8bBD / R), R the matmul ceiling of the same
-run; "roof ms" / "% roof" the roofline model of the fused kernels on the detected card
-(bench/roofline.py). GPU: do_bench of forward, backward and both, peak memory over the inputs;
-CPU: every case in a fresh process (VmHWM), ending with the ours/naive memory ratio (target < 5%
-at b = B = 16384, D = 256) and the roofline predictions of the headline shapes. --simulate-world
-W: the per-rank work of a W-rank step in one process; --distributed (under torchrun):
-bench/loss_distributed.py. bench/README.md has the details.
+Methods ``ours``, ``naive``, ``openclip-local``, ``infcl`` (CUDA) and with --sigmoid the SigLIP
+pair; every method is credited 8bBD FLOPs per forward+backward, "x floor" is against the run's
+matmul ceiling, "roof" the roofline model (bench/roofline.py). --simulate-world W: a W-rank
+step's per-rank work in one process; --distributed (torchrun): bench/loss_distributed.py. The
+measurement details (do_bench, the CPU child processes, the acceptance case): bench/README.md.
 
     python bench/loss_throughput.py                 # GPU: b=B 4k..256k, D 768/1024/4096
     python bench/loss_throughput.py --quick         # GPU: a few minutes

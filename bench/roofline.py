@@ -1,27 +1,6 @@
 """Roofline model of the fused contrastive losses on H100 / H200: what each kernel must compute and
-move, and the time that takes at the card's peak rates.
-
-For every kernel llm2clip_kernels launches for one forward + backward (docs/loss.md describes
-them), :func:`loss_costs` counts
-
-- tensor-core FLOPs (2 per multiply-add) and the precision they run in (bf16/fp16 wgmma, tf32 for
-  the fp16 path's backward GEMMs, plain fp32 FMA for fp32 inputs without tf32);
-- HBM bytes the kernel cannot avoid with its tiling: each operand read once per pass the
-  algorithm makes over it (a text row is read once per backward row superblock, an image row once
-  per column superblock), the b x B dS workspace written once and read by both gradient GEMMs, the
-  fp32 gradient accumulators read and written once per extra superblock, the statistics;
-  re-reads that the L2 cache serves (an image tile against every column tile) are not counted;
-- special-function operations (MUFU: exp, log, reciprocal): per logit, InfoNCE two in the forward
-  (row and column statistics) and two in the backward (both softmaxes); SigLIP three in the
-  forward (softplus: exp, log, a division) and two in the backward (sigmoid: exp, a division).
-
-The kernel's model time (the roofline) is the larger of FLOPs / peak tensor rate and bytes / peak
-bandwidth; the loss's is the sum over its kernels (they run one after another). A second figure
-adds the special-function time to the tensor time (max(tensor + MUFU, memory)): the sweeps run one
-CTA per SM, so their epilogue's exps do not overlap their MMAs; it is the better estimate of what
-these kernels can reach, the roofline the bound. Peak rates are the datasheets' dense numbers,
-with sources in docs/loss.md. The model time over a measured time is the "fraction of roofline"
-the loss benchmark prints.
+move (tensor-core FLOPs, unavoidable HBM bytes, special-function ops), and the time that takes at
+the card's peak rates. The model, its peaks and their sources: docs/loss.md, section 4.
 
     python bench/roofline.py                       # the README's headline shapes on H100 / H200
     python bench/roofline.py --batches 32768 --dims 768,1024 --dtype fp16 --kernels
@@ -182,7 +161,7 @@ def predict(
 
 def format_predictions(shapes, devices, dtype="bf16", sigmoid=False, kernels=False) -> str:
     """A table of model times; every number is a prediction, not a measurement. f+b ms and TFLOP/s
-    are the roofline; +exp ms adds the special-function time of the sweeps (see the docstring)."""
+    are the roofline; +exp ms adds the special-function time of the sweeps (docs/loss.md, section 4)."""
     rows = [
         {"device": dev.name, "b": b, "B": B, "D": D, **predict(b, B, D, dev, dtype, sigmoid)}
         for b, B, D in shapes

@@ -1,30 +1,7 @@
 """Stage-2 training step throughput and memory: samples/s and peak memory per GPU against the batch
-size, with and without the fused loss and the gradient cache, and the largest batch per GPU.
-
-One step is the trainer's own (``llm2clip.training.step.TrainStep``): uint8 images in page-locked
-host memory (as the DataLoader delivers them), each chunk copied to the device and normalised,
-forward + loss + backward under bf16 autocast (the gradient cache), gradient-norm clip 5, AdamW
-(fused on CUDA), the schedule, the logit-scale clamp. Models: ClipModel(ViT preset, random init)
-with the LLM2CLIP adapter over (b, --text-dim) bf16 caption embeddings already on the device.
-Methods: ``fused+gc`` (ours: fused loss + gradient cache, --chunk-size images per chunk),
-``fused``, ``plain+gc``, ``plain`` (the open_clip-style step: materialised logits, no chunking).
-
-- sweep: --warmup untimed then --steps timed steps per batch; samples/s = b / median; peak memory
-  (max_memory_allocated: weights, AdamW state, gradients, embeddings included); act MiB = the
-  peak bytes autograd holds for backward (saved-tensor hooks, first warm-up step); TFLOP/s counts
-  executed work (% ceil: of the bf16 8192^3 matmul ceiling of the same card), MFU useful work over
-  the card's dense bf16 peak (llm2clip.training.metrics: the trainer's one definition). OOM is a
-  row and ends the method's larger batches.
-- --find-max: the batch doubled until OOM, --max-batch, host memory or --max-seconds.
-- breakdown at --breakdown-batch: the fused+gc step beside the loss fwd+bwd, the cache gather
-  (host tier, zero-copy; device tier beside it) and the data cost: the main process's share
-  (pinned uint8 -> device + normalise, x2 with the gradient cache) plus the wait for the loader,
-  max(0, b / (K r) - step), K = --data-workers decoding + augmenting in parallel with the step at
-  r samples/s each (bench/data_throughput.py's draft path from 512 px JPEGs: --decode-rate).
-
-Targets (one H100 80 GB, ViT-B/16 at 224; CUDA only): fused+gc largest batch >= 131072 and >= 16x
-plain's; peak memory flat beyond the chunk (slope <= 1% of plain's); breakdown <= 5% of the step.
-CPU mode: a tiny ViT in fp32, batches 8..64, chunk 8, no search; no target is evaluated.
+size, with and without the fused loss and the gradient cache, the largest batch per GPU, and the
+step's breakdown (loss, cache gather, data). Methods, columns, targets and the breakdown's data
+cost: bench/README.md. CPU mode: a tiny ViT in fp32, no search, no target.
 
     python bench/train_throughput.py --models B/16    # GPU: every method, searched to OOM (~10-15 min)
     python bench/train_throughput.py --quick          # GPU check: B/16, ~75 s
@@ -750,25 +727,12 @@ def main(argv=None) -> int:
     text = report(run.rows, maxes, run.meta)
     mem = (lambda r: r.get("peak_gib")) if gpu else (lambda r: (r.get("saved_act_mib") or 0) / 1024)
     where = lambda r: r["kind"] in ("sweep", "probe")
+    mem_label = (
+        "peak memory GiB (max_memory_allocated)" if gpu else "saved activations GiB (peak, autograd hooks)"
+    )
     panels = [
-        common.Panel(
-            "samples_per_s",
-            "samples/s (median step)",
-            "batch",
-            "batch per device",
-            style="model",
-            where=where,
-        ),
-        common.Panel(
-            mem,
-            "peak memory GiB (max_memory_allocated)"
-            if gpu
-            else "saved activations GiB (peak, autograd hooks)",
-            "batch",
-            "batch per device",
-            style="model",
-            where=where,
-        ),
+        common.Panel(y, label, "batch", "batch per device", style="model", where=where)
+        for y, label in (("samples_per_s", "samples/s (median step)"), (mem, mem_label))
     ]
     md = f"# stage-2 training step, {run.meta['device_name']} ({args.device})\n\n{text}\n"
     title = f"stage-2 training step, {'CPU, tiny model, not targets' if not gpu else run.meta['device_name']}"
