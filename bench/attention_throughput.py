@@ -75,9 +75,6 @@ COLUMNS = {
 # fmt: on
 
 
-# ----------------------------------------------------------------------------- part vit
-
-
 def vit_flops(batch: int, tokens: int, width: int, hidden: int) -> float:
     """Forward FLOPs of one pre-LN block: qkv + proj (4 w^2), MLP (2 w h), QK^T and PV (2 N^2 w each)."""
     return 2 * batch * tokens * (4 * width * width + 2 * width * hidden) + 4 * batch * tokens * tokens * width
@@ -126,9 +123,6 @@ def vit_cases(args, rate):
                 row = {"part": "vit", "model": name, "backend": backend, "batch": batch, "dtype": args.dtype}
                 fn = partial(time_vit_block, name, backend, batch, args, rate)
                 yield common.Case(row, fn, group=(name, backend), size=(batch,))
-
-
-# ----------------------------------------------------------------------------- part llm
 
 
 def caption_lengths(dist: str, n: int, seed: int, max_len: int) -> list[int]:

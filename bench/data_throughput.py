@@ -107,9 +107,6 @@ def one_thread():
         torch.set_num_threads(n)
 
 
-# ----------------------------------------------------------------------------- read
-
-
 def read_cases(args, tmp: str):
     from webdataset.tariterators import tar_file_iterator
 
@@ -145,9 +142,6 @@ def read_cases(args, tmp: str):
             return {"samples_per_s": r, "ms_per_shard": n / r * 1e3, "mb": mb}
 
         yield common.Case({"part": "read", "case": name}, measure)
-
-
-# ----------------------------------------------------------------------------- decode
 
 
 def pixel_difference(jpegs: list[bytes], size: int) -> dict:
@@ -245,8 +239,6 @@ def worker_rate(source: str = "measure", size: int = TARGET_SIZE) -> dict:
     row = min((r for r in rows if r.get("draft_per_s")), key=lambda r: abs(r["short_side"] - size))
     return {"samples_per_s": row["draft_per_s"], "short_side": row["short_side"], "source": source}
 
-
-# ----------------------------------------------------------------------------- CLI
 
 # fmt: off
 READ_COLUMNS = [

@@ -78,9 +78,6 @@ def variants(dtypes, paths: str = "all") -> list[Variant]:
     return [v for v in out if paths == "all" or v.main == (paths == "main")]
 
 
-# ----------------------------------------------------------------------------- recording launches
-
-
 def record_launches(kernels_mod, variant: Variant, batches, dim: int) -> list[tuple[str, tuple, dict]]:
     """(kernel name, args, flags) of every launch one forward + backward makes, nothing run."""
     import torch
@@ -212,24 +209,15 @@ def collect_tasks(vs, batches, dim, first_config: bool, kernels=None) -> list[Ta
                 )
                 if key not in tasks:
                     unit = [n for n, t in sig.items() if t == "constexpr" and n.startswith("stride")]
+                    bools = {k: val for k, val in flags.items() if isinstance(val, bool)}
+                    strides = ",".join(u.replace("stride_", "") for u in unit)
+                    label = _config_label(cfg)
                     tasks[key] = Task(
-                        name,
-                        ci,
-                        _config_label(cfg),
-                        cfg.num_warps,
-                        cfg.num_stages,
-                        sig,
-                        consts,
-                        attrs,
-                        {k: val for k, val in flags.items() if isinstance(val, bool)},
-                        ",".join(u.replace("stride_", "") for u in unit),
+                        name, ci, label, cfg.num_warps, cfg.num_stages, sig, consts, attrs, bools, strides
                     )
                 if v.label not in tasks[key].used_by:
                     tasks[key].used_by.append(v.label)
     return list(tasks.values())
-
-
-# ----------------------------------------------------------------------------- compiling
 
 
 # fmt: off
@@ -345,8 +333,9 @@ def compile_all(tasks: list[Task], jobs: int) -> list[dict]:
                 except Exception as e:  # noqa: BLE001 - report every kernel, failures included
                     row.update(status="error", error=f"{type(e).__name__}: {str(e).strip()[-1500:]}")
                 rows.append(row)
-    order = ("forward", "positive", "grad", "grad32", "gemm", "gemm_acc", "gemm32")
-    order = {k: i for i, k in enumerate(order)}
+    order = {
+        k: i for i, k in enumerate(("forward", "positive", "grad", "grad32", "gemm", "gemm_acc", "gemm32"))
+    }
     rows.sort(
         key=lambda r: (
             order.get(r["kernel"], 99),
@@ -365,8 +354,6 @@ def _variant_of(label: str) -> Variant:
     return Variant(dtype, loss, "+bias" in rest, "+groups" in rest)
 
 
-# ----------------------------------------------------------------------------- CUDA extension
-
 _NVCC_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\w+)'")
 
 
@@ -377,20 +364,8 @@ def cuda_ext_report(source: Path, arch: str = "sm_90") -> list[dict]:
         return []
     with tempfile.TemporaryDirectory() as d:
         obj = Path(d) / "k.o"
-        cmd = [
-            nvcc,
-            "-c",
-            str(source),
-            "-I",
-            str(source.parent),
-            "-o",
-            str(obj),
-            "-Xptxas",
-            "-v",
-            "-gencode",
-            f"arch=compute_{arch[3:]},code={arch}",
-            "-O3",
-        ]
+        cmd = [nvcc, "-c", str(source), "-I", str(source.parent), "-o", str(obj), "-Xptxas", "-v"]
+        cmd += ["-gencode", f"arch=compute_{arch[3:]},code={arch}", "-O3"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             return [{"kernel": source.name, "status": "error", "error": proc.stderr[-1500:]}]
@@ -439,18 +414,9 @@ def _demangle(name: str) -> str:
     return re.sub(r"^void ", "", out) or name
 
 
-# ----------------------------------------------------------------------------- output
-
-
 def _flags_text(flags: dict) -> str:
-    short = {
-        "HAS_BIAS": "bias",
-        "HAS_GROUPS": "groups",
-        "SIGMOID": "sigmoid",
-        "LOAD_ACC": "load-acc",
-        "STORE_OUT": "store-out",
-        "DOT_FP32": "upcast",
-    }
+    short = dict(HAS_BIAS="bias", HAS_GROUPS="groups", SIGMOID="sigmoid", LOAD_ACC="load-acc",
+                 STORE_OUT="store-out", DOT_FP32="upcast")  # fmt: skip
     return ",".join(short.get(k, k) for k, v in flags.items() if v and k in short) or "-"
 
 
@@ -504,8 +470,6 @@ def summarize(rows, ext_rows) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- CLI
-
 # fmt: off
 OPTIONS = [
     ("--dtypes", common.str_list, DTYPES, "input dtypes (default bf16,fp16,fp32)"),
@@ -532,15 +496,11 @@ def main(argv=None) -> int:
             "llm2clip_kernels was imported under TRITON_INTERPRET=1: run this in a fresh process"
         )
     run = common.Run("kernel_resources", args, argv, mode="sm_90a", target="sm_90a")
-    run.meta["sm_limits"] = {
-        "registers": REGS_PER_SM,
-        "reg_alloc_unit": REG_ALLOC_UNIT,
-        "smem_per_sm": SMEM_PER_SM,
-        "smem_per_block": SMEM_PER_BLOCK,
-        "smem_reserved_per_block": SMEM_RESERVED_PER_BLOCK,
-        "max_warps": MAX_WARPS_PER_SM,
-        "max_blocks": MAX_BLOCKS_PER_SM,
-    }
+    run.meta["sm_limits"] = dict(
+        registers=REGS_PER_SM, reg_alloc_unit=REG_ALLOC_UNIT, smem_per_sm=SMEM_PER_SM,
+        smem_per_block=SMEM_PER_BLOCK, smem_reserved_per_block=SMEM_RESERVED_PER_BLOCK,
+        max_warps=MAX_WARPS_PER_SM, max_blocks=MAX_BLOCKS_PER_SM,
+    )  # fmt: skip
     vs = variants(args.dtypes, args.paths)
     tasks = collect_tasks(vs, args.batches, args.dim, args.first_config, args.kernels)
     print(

@@ -70,9 +70,6 @@ ACCEPTANCE = (16384, 256)  # b = B, D: ours must peak below 5% of naive's memory
 ACCEPTANCE_RATIO = 0.05
 
 
-# ----------------------------------------------------------------------------- the losses
-
-
 def make_loss(method: str, backend: str, bias=None):
     """fn(img, txt, scale) -> 0-d loss of a method; ImportError when its package is missing."""
     import torch
@@ -117,9 +114,6 @@ def make_loss(method: str, backend: str, bias=None):
 
         return infcl
     raise ValueError(f"unknown method {method!r}")
-
-
-# ----------------------------------------------------------------------------- measurement
 
 
 def measure_gpu(fn, img, txt, scale, leaves, args) -> dict:
@@ -206,20 +200,9 @@ def measure_cpu(method, b, B, D, args) -> dict:
     """Run :func:`cpu_child` in a fresh interpreter and turn its readings into row fields."""
     import torch
 
-    spec = {
-        "method": method,
-        "backend": args.backend,
-        "b": b,
-        "B": B,
-        "D": D,
-        "dtype": args.dtype,
-        "seed": args.seed,
-        "scale": args.scale,
-        "bias": args.bias,
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "repeat_seconds": args.repeat_seconds,
-    }
+    keys = ("backend", "dtype", "seed", "scale", "bias", "repeats", "repeat_seconds")
+    spec = {"method": method, "b": b, "B": B, "D": D, "threads": torch.get_num_threads()}
+    spec.update((k, getattr(args, k)) for k in keys)
     code = (
         f"import sys; sys.path.insert(0, {str(common.REPO_ROOT)!r})\n"
         "from bench.loss_throughput import cpu_child; cpu_child(sys.argv[1])"
@@ -272,13 +255,8 @@ def derive(row: dict, rate: float | None, model: roofline.Device | None = None) 
     if "gathered_text_mib" in row and row.get("peak_extra_mib") is not None:
         row["peak_minus_gathered_mib"] = row["peak_extra_mib"] - row["gathered_text_mib"]
     bwd_rows = getattr(sys.modules.get("llm2clip_kernels._triton"), "BWD_ROWS", None)
-    if (
-        "world" in row
-        and row["device"] == "cuda"
-        and bwd_rows
-        and b > bwd_rows
-        and row.get("backend") != "torch"
-    ):
+    simulated_cuda = "world" in row and row["device"] == "cuda"
+    if simulated_cuda and bwd_rows and b > bwd_rows and row.get("backend") != "torch":
         acc = f"single-device bwd holds a (B, D) fp32 accumulator ({B * D * 4 / 2**20:.0f} MiB)"
         row["note"] = "; ".join(
             filter(None, [row.get("note"), f"b > {bwd_rows}: {acc} that a W-rank step holds per chunk only"])
@@ -323,22 +301,11 @@ def cases(run, rate, model):
                     if W is None and method in BASELINES and D not in args.baseline_dims:
                         continue
                     b = B if W is None else (B // W if B % W == 0 else None)
-                    row = {
-                        "method": method,
-                        "b": b,
-                        "B": B,
-                        "D": D,
-                        "dtype": args.dtype,
-                        "device": args.device,
-                    }
+                    row = {"method": method}
                     if W is not None:
-                        row = {
-                            "method": method,
-                            "mode": "simulated",
-                            "world": W,
-                            "gathered_text_mib": B * D * common.ITEMSIZE[args.dtype] / 2**20,
-                            **row,
-                        }
+                        gathered = B * D * common.ITEMSIZE[args.dtype] / 2**20
+                        row.update(mode="simulated", world=W, gathered_text_mib=gathered)
+                    row.update(b=b, B=B, D=D, dtype=args.dtype, device=args.device)
                     if method.startswith("ours"):
                         row["backend"] = args.backend
                     if method not in unavailable:
@@ -370,35 +337,22 @@ def availability(method, args) -> tuple[str, str] | None:
     return None
 
 
-# ----------------------------------------------------------------------------- output
+# fmt: off
+COLUMNS = [  # (header, key, format); "sim": only with --simulate-world, after "D" / before "note"
+    ("method", "method", ""), ("b", "b", "d"), ("B", "B", "d"), ("D", "D", "d"), ("dtype", "dtype", ""),
+    ("fwd ms", "fwd_ms", ".2f"), ("bwd ms", "bwd_ms", ".2f"), ("f+b ms", "fwd_bwd_ms", ".2f"),
+    ("TFLOP/s", "fwd_bwd_tflops", ".3g"), ("x floor", "fwd_bwd_x_floor", ".2f"),
+    ("roof ms", "roofline_fwd_bwd_ms", ".2f"),
+    ("% roof", lambda r: r.get("fwd_bwd_of_roofline") and 100 * r["fwd_bwd_of_roofline"], ".0f"),
+    ("peak MiB", "peak_extra_mib", ".1f"),
+]
+SIM_COLUMNS = [("B*D MiB", "gathered_text_mib", ".1f"), ("rest MiB", "peak_minus_gathered_mib", ".1f")]
+# fmt: on
 
 
 def format_table(rows, sim: bool = False) -> str:
-    cols = (
-        [("method", "method", "")]
-        + ([("W", "world", "d")] if sim else [])
-        + [
-            ("b", "b", "d"),
-            ("B", "B", "d"),
-            ("D", "D", "d"),
-            ("dtype", "dtype", ""),
-            ("fwd ms", "fwd_ms", ".2f"),
-            ("bwd ms", "bwd_ms", ".2f"),
-            ("f+b ms", "fwd_bwd_ms", ".2f"),
-            ("TFLOP/s", "fwd_bwd_tflops", ".3g"),
-            ("x floor", "fwd_bwd_x_floor", ".2f"),
-            ("roof ms", "roofline_fwd_bwd_ms", ".2f"),
-            ("% roof", lambda r: r.get("fwd_bwd_of_roofline") and 100 * r["fwd_bwd_of_roofline"], ".0f"),
-            ("peak MiB", "peak_extra_mib", ".1f"),
-        ]
-        + (
-            [("B*D MiB", "gathered_text_mib", ".1f"), ("rest MiB", "peak_minus_gathered_mib", ".1f")]
-            if sim
-            else []
-        )
-        + [("note", common.note, "")]
-    )
-    return common.table(rows, cols)
+    cols = COLUMNS[:1] + [("W", "world", "d")] * sim + COLUMNS[1:] + SIM_COLUMNS * sim
+    return common.table(rows, [*cols, ("note", common.note, "")])
 
 
 def memory_ratios(rows) -> list[dict]:
@@ -416,37 +370,20 @@ def panels(rate, sim: bool, dtype: str):
     x, xlabel = ("B", "global batch B (b = B / W)") if sim else ("b", "batch b = B")
     series = ("method", "world") if sim else ("method",)
 
-    def floor(rows):  # the time 8bBD takes at the measured matmul rate
-        return [
-            (f"floor D={D}", bs, [8 * b * b * D / (rate * 1e12) * 1e3 for b in bs])
+    def refs(label, y):  # one black line per D over its rows' x values
+        return lambda rows: [
+            (f"{label} D={D}", xs, [y(v, D) for v in xs])
             for D in sorted({r["D"] for r in rows})
-            for bs in [sorted({r["b"] for r in rows if r["D"] == D})]
+            for xs in [sorted({r[x] for r in rows if r["D"] == D})]
         ]
 
-    def gathered(rows):
-        return [
-            (f"B*D*itemsize D={D}", Bs, [B * D * common.ITEMSIZE[dtype] / 2**20 for B in Bs])
-            for D in sorted({r["D"] for r in rows})
-            for Bs in [sorted({r["B"] for r in rows if r["D"] == D})]
-        ]
-
-    return [
-        common.Panel(
-            "fwd_bwd_ms",
-            "forward+backward ms (median)",
-            x,
-            xlabel,
-            series,
-            "D",
-            refs=None if sim or not rate else floor,
-        ),
-        common.Panel(
-            "peak_extra_mib", "peak extra memory MiB", x, xlabel, series, "D", refs=gathered if sim else None
-        ),
+    floor = refs("floor", lambda b, D: 8 * b * b * D / (rate * 1e12) * 1e3)  # 8bBD at the matmul rate
+    gathered = refs("B*D*itemsize", lambda B, D: B * D * common.ITEMSIZE[dtype] / 2**20)
+    specs = [
+        ("fwd_bwd_ms", "forward+backward ms (median)", None if sim or not rate else floor),
+        ("peak_extra_mib", "peak extra memory MiB", gathered if sim else None),
     ]
-
-
-# ----------------------------------------------------------------------------- CLI
+    return [common.Panel(y, label, x, xlabel, series, "D", refs=r) for y, label, r in specs]
 
 
 def resolve(args):
@@ -496,13 +433,9 @@ def main(argv=None) -> int:
         dtype=args.dtype, flop_count="8*b*B*D forward+backward (2bBD fwd, 6bBD bwd) for every method"
     )
     model = roofline.match_device(run.meta["device_name"]) if args.device == "cuda" else None
-    run.meta["roofline"] = model and {
-        "device": model.name,
-        "source": model.source,
-        "what": "roofline_*_ms: "
-        "the fused kernels' model time at this shape (bench/roofline.py); "
-        "*_of_roofline = model / measured",
-    }
+    what = "roofline_*_ms: the fused kernels' model time at this shape (bench/roofline.py); "
+    what += "*_of_roofline = model / measured"
+    run.meta["roofline"] = model and {"device": model.name, "source": model.source, "what": what}
     if sim:
         run.meta.update(
             mode="simulated",
@@ -557,9 +490,7 @@ def main(argv=None) -> int:
             "\n\nroofline model of the fused kernels, bf16 InfoNCE (bench/roofline.py; predicted, not "
             "measured):\n" + roofline.format_predictions(roofline.HEADLINE, devices)
         )
-    title = (
-        "simulated W ranks, " if sim else "contrastive loss, "
-    ) + f"{run.meta['device_name']} ({args.dtype})"
+    title = f"{'simulated W ranks' if sim else 'contrastive loss'}, {run.meta['device_name']} ({args.dtype})"
     return run.finish(text, title=title, panels=panels(rate["tflops"], sim, args.dtype))
 
 

@@ -74,9 +74,6 @@ class HostMemoryLimit(Exception):
     status = "host-memory"
 
 
-# ----------------------------------------------------------------------------- host images
-
-
 def mem_available_bytes() -> int | None:
     with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
         for line in f:
@@ -131,9 +128,6 @@ class HostImages:
             torch.cuda.synchronize()  # no copy may still read it
             torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
         self.buf, self.pinned = None, False
-
-
-# ----------------------------------------------------------------------------- model and step
 
 
 def build_state(name: str, args) -> SimpleNamespace:
@@ -275,9 +269,6 @@ class SavedActivations:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda held: held.t)
 
 
-# ----------------------------------------------------------------------------- cases
-
-
 def run_case(st, method: str, b: int, warmup: int, steps: int, args, rate: float) -> dict:
     """Time `steps` steps after `warmup` at batch b (raises on OOM; partial gradients dropped)."""
     import torch
@@ -331,15 +322,8 @@ def run_case(st, method: str, b: int, warmup: int, steps: int, args, rate: float
 
 def case_row(st, kind: str, method: str, b: int) -> dict:
     fused, gc = METHODS[method]
-    return {
-        "kind": kind,
-        "model": st.name,
-        "method": method,
-        "fused_loss": fused,
-        "grad_cache": gc,
-        "chunk": st.chunk if gc else 0,
-        "batch": b,
-    }
+    return dict(kind=kind, model=st.name, method=method, fused_loss=fused, grad_cache=gc,
+                chunk=st.chunk if gc else 0, batch=b)  # fmt: skip
 
 
 def cases(run, st, rate):
@@ -384,9 +368,6 @@ def find(rows, model, method, batch, kind):
     return [
         r for r in rows if (r["kind"], r["model"], r["method"], r["batch"]) == (kind, model, method, batch)
     ]
-
-
-# ----------------------------------------------------------------------------- breakdown
 
 
 def gather_tables(args) -> list[tuple[str, object]]:
@@ -491,20 +472,12 @@ def breakdown(run, st, rate) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- summaries
-
-
 def max_batches(rows, args) -> list[dict]:
     """Largest ok batch per (model, method) among sweep and probe rows, and what stopped it."""
     out = []
-    for model, method in dict.fromkeys(
-        (r["model"], r["method"]) for r in rows if r["kind"] in ("sweep", "probe")
-    ):
-        rs = [
-            r
-            for r in rows
-            if (r["model"], r["method"]) == (model, method) and r["kind"] in ("sweep", "probe")
-        ]
+    measured = [r for r in rows if r["kind"] in ("sweep", "probe")]
+    for model, method in dict.fromkeys((r["model"], r["method"]) for r in measured):
+        rs = [r for r in measured if (r["model"], r["method"]) == (model, method)]
         ok = [r["batch"] for r in rs if r["status"] == "ok"]
         failed = sorted((r["batch"], r["status"]) for r in rs if r["status"] not in ("ok", "skipped"))
         largest = max(ok) if ok else None
@@ -516,14 +489,9 @@ def max_batches(rows, args) -> list[dict]:
             stopped = f"--max-batch {args.max_batch}"
         else:
             stopped = "end of --batches (not searched)"
+        oom = bool(failed) and failed[0][1] == "oom"
         out.append(
-            {
-                "model": model,
-                "method": method,
-                "max_batch": largest,
-                "oom": bool(failed) and failed[0][1] == "oom",
-                "stopped_by": stopped,
-            }
+            {"model": model, "method": method, "max_batch": largest, "oom": oom, "stopped_by": stopped}
         )
     return out
 
@@ -600,9 +568,6 @@ def evaluate_targets(rows, maxes, chunk_of: dict, args) -> list[dict]:
         else None,
     )
     return out
-
-
-# ----------------------------------------------------------------------------- output
 
 
 # fmt: off
@@ -704,14 +669,9 @@ def main(argv=None) -> int:
         for name in args.models:
             st = build_state(name, args)
             chunk_of[name] = st.chunk
-            models[name] = {
-                "vit": st.cfg.to_dict(),
-                "params": st.params,
-                "fwd_gflops_per_sample": st.fwd_flops / 1e9,
-                "chunk": st.chunk,
-                "text_dim": args.text_dim,
-                "embed_dim": args.embed_dim,
-            }
+            gflops = st.fwd_flops / 1e9
+            models[name] = dict(vit=st.cfg.to_dict(), params=st.params, fwd_gflops_per_sample=gflops,
+                                chunk=st.chunk, text_dim=args.text_dim, embed_dim=args.embed_dim)  # fmt: skip
             print(
                 f"{name}: {st.params / 1e6:.1f} M parameters, {st.fwd_flops / 1e9:.2f} GFLOP forward per "
                 f"sample, chunk {st.chunk}"
