@@ -85,7 +85,7 @@ def time_vit_block(name, backend, batch, args, rate) -> dict:
 
     from llm2clip.models.vit import Block, ViTConfig
 
-    dtype = getattr(torch, common.DTYPES[args.dtype])
+    dtype = common.torch_dtype(args.dtype)
     cfg = ViTConfig.preset(name, attn_backend=backend)
     tokens = cfg.grid_size**2 + cfg.num_prefix_tokens
     block = Block(cfg).to(device=args.device, dtype=dtype)
@@ -112,11 +112,10 @@ def time_vit_block(name, backend, batch, args, rate) -> dict:
 
 
 def vit_cases(args, rate):
-    import torch
 
     from llm2clip.models.attention import available_backends
 
-    dtype = getattr(torch, common.DTYPES[args.dtype])
+    dtype = common.torch_dtype(args.dtype)
     for name in args.vit_models:
         for backend in args.backends or available_backends(args.device, dtype):
             for batch in args.vit_batches or VIT_BATCHES[args.device][name]:
@@ -191,7 +190,7 @@ def llm_cases(args):
     from llm2clip.models.attention import available_backends
     from llm2clip.models.text_embedder import LLMTextEmbedder, TextEmbedderConfig
 
-    dtype = getattr(torch, common.DTYPES[args.dtype])
+    dtype = common.torch_dtype(args.dtype)
     for shape in args.llm_models:
         try:
             model = random_llama(shape, args.device, dtype)
@@ -216,19 +215,9 @@ def llm_cases(args):
                 g = torch.Generator().manual_seed(args.seed)
                 ids = [torch.randint(1, model.config.vocab_size, (k,), generator=g).tolist() for k in lengths]
                 for layout in args.layouts:
-                    row = {
-                        "part": "llm",
-                        "model": shape,
-                        "params_m": params_m,
-                        "backend": backend,
-                        "dist": dist,
-                        "layout": layout,
-                        "dtype": args.dtype,
-                        "captions": n,
-                        "mean_len": sum(lengths) / n,
-                        "captions_per_batch": args.captions_per_batch,
-                        "max_len": max(lengths),
-                    }
+                    row = dict(part="llm", model=shape, params_m=params_m, backend=backend, dist=dist,
+                               layout=layout, dtype=args.dtype, captions=n, mean_len=sum(lengths) / n,
+                               captions_per_batch=args.captions_per_batch, max_len=max(lengths))  # fmt: skip
                     yield common.Case(row, partial(llm_case, emb, layout, lengths, ids, args))
         del model, emb
         common.free_memory(args.device)
@@ -252,22 +241,17 @@ def main(argv=None) -> int:
     std = ("device", "quick", "repeats", "warmup_ms", "rep_ms", "threads", "seed")
     args = common.parse(common.parser(__doc__, OPTIONS, std, plot=False), argv)
     gpu = args.device == "cuda"
-    for flag, values, allowed in (
-        ("--parts", args.parts, ("vit", "llm")),
-        ("--layouts", args.layouts, LAYOUTS),
-        ("--vit-models", args.vit_models, VIT_MODELS),
-    ):
-        if bad := [v for v in values if v not in allowed]:
-            raise SystemExit(f"{flag}: unknown {bad}; choose from {allowed}")
     args.llm_models = args.llm_models or (("llama-3.2-1b", "llama-3-8b") if gpu else ("tiny",))
     args.dists = args.dists or (("short", "dense") if args.quick else DISTS)
-    if bad := [m for m in args.llm_models if m not in LLM_SHAPES] + [d for d in args.dists if d not in DISTS]:
-        raise SystemExit(f"--llm-models / --dists: unknown {bad}")
+    common.check_choices(
+        ("--parts", args.parts, ("vit", "llm")), ("--layouts", args.layouts, LAYOUTS),
+        ("--vit-models", args.vit_models, VIT_MODELS), ("--llm-models", args.llm_models, LLM_SHAPES),
+        ("--dists", args.dists, DISTS),
+    )  # fmt: skip
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.captions_per_batch = args.captions_per_batch or (128 if gpu else 16)
     args.num_batches = args.num_batches or (2 if args.quick or not gpu else 4)
     args.repeats = args.repeats or (2 if args.quick else 3)
-    import torch
     import transformers
 
     run = common.Run(
@@ -275,7 +259,7 @@ def main(argv=None) -> int:
     )
     run.meta["target"] = f"GPU bf16 short captions: packed >= {TARGET_SPEEDUP}x padded tokens/s"
     run.meta["matmul_rate"] = rate = common.matmul_rate(
-        args.device, getattr(torch, common.DTYPES[args.dtype]), str(getattr(torch, common.DTYPES[args.dtype]))
+        args.device, common.torch_dtype(args.dtype), str(common.torch_dtype(args.dtype))
     )
     print(
         f"{run.meta['device_name']} ({args.device}), torch {run.meta['torch']}, transformers "

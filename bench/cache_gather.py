@@ -116,23 +116,18 @@ def gpu_methods(ext, tabs: dict, ids: dict, dim, code, out_dtype, errors) -> dic
     sdt = storage_dtype(code)
     view = {k: tabs[k].view(sdt)[:, :dim] for k in ("dev", "alias", "host")}
     i_dev, i_host, i_cpu = ids["dev"], ids["host"], ids["host_cpu"]
-    pick = lambda s, i: None if s is None else s.index_select(0, i)
     gather = partial(ext.gather_rows, dim=dim, storage_code=code, out_dtype=out_dtype, error_flag=errors)
 
     def cpu_then_cuda():
-        s = pick(tabs["s_host"], i_cpu)
-        return dequant(view["host"].index_select(0, i_cpu).cuda(), None if s is None else s.cuda(), out_dtype)
+        s = None if tabs["s_host"] is None else tabs["s_host"].index_select(0, i_cpu).cuda()
+        return dequant(view["host"].index_select(0, i_cpu).cuda(), s, out_dtype)
 
     return {
         "ext-device": partial(gather, tabs["dev"], tabs["s_dev"], i_dev),
         "ext-device-nodd": partial(gather, tabs["dev"], tabs["s_dev"], i_dev, dedup=False),
         "ext-host": partial(gather, tabs["alias"], tabs["s_alias"], i_host),
-        "torch-device": lambda: dequant(
-            view["dev"].index_select(0, i_dev), pick(tabs["s_dev"], i_dev), out_dtype
-        ),
-        "torch-host": lambda: dequant(
-            view["alias"].index_select(0, i_host), pick(tabs["s_alias"], i_host), out_dtype
-        ),
+        "torch-device": partial(stock_gather, view["dev"], tabs["s_dev"], i_dev, out_dtype),
+        "torch-host": partial(stock_gather, view["alias"], tabs["s_alias"], i_host, out_dtype),
         "cpu-then-cuda": cpu_then_cuda,
     }
 
@@ -228,17 +223,8 @@ def evaluate_targets(run) -> None:
                 checks[f"x_cpu >= {TARGET_X_CPU}"] = x_cpu >= TARGET_X_CPU
             name = f"{m} dim {dim} batch {b}: {', '.join(checks)}"
             value = f"x_{r['ceiling']} {r['x_ceiling']:.2f}" + (f", x_cpu {x_cpu:.2f}" if cpu else "")
-            run.target(
-                name,
-                value,
-                all(checks.values()),
-                method=m,
-                dim=dim,
-                batch=b,
-                x_ceiling=r["x_ceiling"],
-                x_cpu=x_cpu,
-                checks=checks,
-            )
+            extra = dict(method=m, dim=dim, batch=b, x_ceiling=r["x_ceiling"], x_cpu=x_cpu, checks=checks)
+            run.target(name, value, all(checks.values()), **extra)
 
 
 # fmt: off
@@ -280,18 +266,13 @@ def main(argv=None) -> int:
         run.sweep(cases(args, ceil))
     if gpu:
         evaluate_targets(run)
-    panel = common.Panel(
-        "gbps",
-        "GB/s (host tier: bytes read; device tier: read + written)",
-        "batch",
-        "rows per batch",
-        style="dim",
-        refs=lambda rows: [
-            (k[:-5], [min(r["batch"] for r in rows), max(r["batch"] for r in rows)], [v, v])
-            for k, v in ceil.items()
-            if k.endswith("_gbps")
-        ],
-    )
+
+    def refs(rows):  # the measured copy ceilings as flat lines
+        xs = [min(r["batch"] for r in rows), max(r["batch"] for r in rows)]
+        return [(k[:-5], xs, [v, v]) for k, v in ceil.items() if k.endswith("_gbps")]
+
+    label = "GB/s (host tier: bytes read; device tier: read + written)"
+    panel = common.Panel("gbps", label, "batch", "rows per batch", style="dim", refs=refs)
     title = f"cache row gather, {run.meta['device_name']} ({args.storage} -> {args.out_dtype})"
     return run.finish(common.table(run.rows, COLUMNS), title=title, panels=[panel])
 

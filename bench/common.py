@@ -91,6 +91,20 @@ def add_options(p: argparse.ArgumentParser, options: Iterable[tuple]) -> None:
             p.add_argument(flag, type=kind, default=default, help=help)
 
 
+def check_choices(*checks) -> None:
+    """(flag, values, allowed) triples: exit naming the unknown values of the first bad one."""
+    for flag, values, allowed in checks:
+        if bad := [v for v in values if v not in allowed]:
+            raise SystemExit(f"{flag}: unknown {bad}; choose from {tuple(allowed)}")
+
+
+def torch_dtype(name: str):
+    """'bf16' / 'fp16' / 'fp32' -> the torch dtype."""
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
 def parser(doc: str, options=(), std=("device",), plot=True, out=True, **override) -> argparse.ArgumentParser:
     """The script's parser: its own options, the standard ones named in `std` (override=
     {name: (default, help)} changes one) and with `out` --out / --tag (/ --no-plot)."""
@@ -546,10 +560,8 @@ def matmul_rate(device: str, dtype, label: str) -> dict:
 
 def ceiling(device: str, dtype: str = "fp32") -> dict:
     """The TFLOP/s ceiling the benchmarks compare with: bf16 8192^3 on CUDA, `dtype` 2048^3 on CPU."""
-    import torch
-
     name = "bf16" if device == "cuda" else dtype
-    return matmul_rate(device, getattr(torch, DTYPES[name]), name)
+    return matmul_rate(device, torch_dtype(name), name)
 
 
 def contrastive_inputs(b, B, D, dtype, device, seed, scale=1 / 0.07, bias=-10.0):

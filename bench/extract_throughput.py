@@ -131,17 +131,14 @@ def run_mode(embedder, shards, mode: str, device: str, rows: list) -> dict:
     common.sync(device)
     gpu = time.perf_counter() - t0
     captions, tokens = sum(n for n, _ in plans), sum(b.num_tokens for _, bs in plans for _, b in bs)
-    return {
-        "captions": captions,
-        "tokens": tokens,
-        "slots": sum(b.input_ids.numel() for _, bs in plans for _, b in bs),
-        "batches": sum(len(bs) for _, bs in plans),
-        "seconds": wall,
-        "gpu_seconds": gpu,
-        "captions_per_s": captions / wall,
-        "tokens_per_s": tokens / wall,
-        "busy": min(1.0, gpu / wall),
-    }
+    slots, batches = (
+        sum(b.input_ids.numel() for _, bs in plans for _, b in bs),
+        sum(len(bs) for _, bs in plans),
+    )
+    rates = dict(captions_per_s=captions / wall, tokens_per_s=tokens / wall, busy=min(1.0, gpu / wall))
+    return dict(
+        captions=captions, tokens=tokens, slots=slots, batches=batches, seconds=wall, gpu_seconds=gpu, **rates
+    )
 
 
 def cases(run, args, n, budget):

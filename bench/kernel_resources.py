@@ -87,7 +87,7 @@ def record_launches(kernels_mod, variant: Variant, batches, dim: int) -> list[tu
     saved = K._launch, K._target_programs
     K._launch = lambda name, grid, *args, **flags: calls.append((name, args, flags))
     K._target_programs = lambda device: 2 * TARGET_SMS
-    dtype = getattr(torch, common.DTYPES[variant.dtype])
+    dtype = common.torch_dtype(variant.dtype)
     sigmoid = variant.loss == "sigmoid"
     try:
         for n in batches:
@@ -489,8 +489,7 @@ OPTIONS = [
 
 def main(argv=None) -> int:
     args = common.parse(common.parser(__doc__, OPTIONS, ("json",), plot=False), argv)
-    if bad_dtypes := [d for d in args.dtypes if d not in DTYPES]:
-        raise SystemExit(f"unknown dtypes {bad_dtypes}; choose from {DTYPES}")
+    common.check_choices(("--dtypes", args.dtypes, DTYPES))
     if os.environ.pop("TRITON_INTERPRET", None) and "llm2clip_kernels" in sys.modules:
         raise SystemExit(
             "llm2clip_kernels was imported under TRITON_INTERPRET=1: run this in a fresh process"

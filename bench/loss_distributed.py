@@ -80,12 +80,11 @@ def time_together(fn, cuda: bool, world: int) -> float:
 
 def measure_case(env, k, sigmoid: bool, b: int, D: int, args, rate: float | None) -> dict:
     """One (loss, b, D) case on this rank; every rank calls it with the same arguments."""
-    import torch
 
     from llm2clip.distributed import gather_object
 
     W, rank, dev, cuda = env.world_size, env.rank, env.device, env.device.type == "cuda"
-    B, dtype = W * b, getattr(torch, common.DTYPES[args.dtype])
+    B, dtype = W * b, common.torch_dtype(args.dtype)
     img, txt, scale, bias = common.contrastive_inputs(
         b, b, D, dtype, dev, args.seed + rank, args.scale, args.bias
     )

@@ -159,7 +159,7 @@ def cpu_child(spec_json: str) -> None:
 
     s = json.loads(spec_json)
     torch.set_num_threads(s["threads"])
-    dtype = getattr(torch, common.DTYPES[s["dtype"]])
+    dtype = common.torch_dtype(s["dtype"])
     i, t, sc, bias = common.contrastive_inputs(64, 64, s["D"], dtype, "cpu", 1, s["scale"], s["bias"])
     make_loss(s["method"], s["backend"], bias)(i, t, sc).backward()  # lazy initialisation, not timed
     del i, t, sc
@@ -266,13 +266,12 @@ def derive(row: dict, rate: float | None, model: roofline.Device | None = None) 
 
 def measure(method, b, B, D, args, inputs: dict, rate, model, row: dict) -> dict:
     """One case: the inputs of a GPU size are made once and shared by its methods."""
-    import torch
 
     if args.device == "cuda":
         if inputs.get("key") != (b, B, D):
             inputs.clear()
             common.free_memory("cuda")
-            dtype = getattr(torch, common.DTYPES[args.dtype])
+            dtype = common.torch_dtype(args.dtype)
             inputs.update(
                 key=(b, B, D),
                 t=common.contrastive_inputs(b, B, D, dtype, "cuda", args.seed, args.scale, args.bias),
@@ -403,8 +402,7 @@ def resolve(args):
         )
         if args.sigmoid:
             args.methods = tuple(args.methods) + tuple(m for m in SIGMOID_METHODS if m not in args.methods)
-        if bad := [m for m in args.methods if m not in ALL_METHODS]:
-            raise SystemExit(f"unknown methods {bad}; choose from {ALL_METHODS}")
+        common.check_choices(("--methods", args.methods, ALL_METHODS))
         if args.max_seconds is None and args.quick and gpu:
             args.max_seconds = 150.0
     else:

@@ -620,13 +620,10 @@ def resolve(args):
     args.models = args.models or (((TARGET_MODEL,) if args.quick else ("B/16", "L/14")) if gpu else ("tiny",))
     args.methods = args.methods or ((OURS,) if args.quick and gpu else tuple(METHODS))
     args.find_max_methods = args.find_max_methods or ((PLAIN,) if args.quick else (OURS, PLAIN))
-    for flag, values, allowed in (
-        ("--models", args.models, MODELS),
-        ("--methods", args.methods, METHODS),
+    common.check_choices(
+        ("--models", args.models, MODELS), ("--methods", args.methods, METHODS),
         ("--find-max-methods", args.find_max_methods, METHODS),
-    ):
-        if bad := [v for v in values if v not in allowed]:
-            raise SystemExit(f"{flag}: unknown {bad}; choose from {tuple(allowed)}")
+    )  # fmt: skip
     args.batches = args.batches or (
         (GPU_QUICK_BATCHES if args.quick else GPU_BATCHES) if gpu else CPU_BATCHES
     )
