@@ -38,9 +38,9 @@ does), hence the 1/W. ``cache_labels`` changes nothing here (no labels are built
 scalar) in the modes that return a per-rank loss (local loss, SigLIP), for logging; the gradients
 are unchanged. The modes that return open_clip's global loss already do.
 
-Precision: with bf16 autocast open_clip's logits are bf16 (the loss then differs from fp64 by up
-to ~2e-3); the fused kernels accumulate in fp32 (~3e-7), so the two loss curves differ by ~1e-3
-(the kernels' is the accurate one); in fp32 they agree to rounding.
+Precision: with bf16 autocast open_clip's logits are bf16 (its loss is then ~1e-3 off the fp64
+loss of the same features); the fused kernels accumulate in fp32 (within ~1e-6), so the two loss
+curves differ by ~1e-3 (the kernels' is the accurate one); in fp32 they agree to rounding.
 
 This module imports without open_clip installed; only ``patch_open_clip`` imports it. The rest of
 ``llm2clip_kernels`` never imports open_clip.

@@ -116,6 +116,29 @@ def test_single_device_matches_open_clip(kind, with_bias, output_dict):
         assert_within(name, err_o, err_p, r.abs().max().item())
 
 
+@requires_open_clip
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_autocast_ours_accurate_open_clip_off(backend):
+    """The README's bf16 note: under bf16 autocast open_clip's logits are bf16, so its loss is off the
+    fp64 loss of the same bf16 features by ~1e-3 (8 mantissa bits on logits of size ~scale), while the
+    fused kernels accumulate in fp32 and stay within ~1e-6."""
+    import open_clip.loss
+
+    from llm2clip_kernels.open_clip import ClipLoss
+
+    gen = torch.Generator().manual_seed(0)
+    text = F.normalize(torch.randn(256, 64, generator=gen), dim=-1)
+    image = F.normalize(0.5 * torch.randn(256, 64, generator=gen) + text, dim=-1)
+    image, text, scale = image.bfloat16(), text.bfloat16(), torch.tensor(100.0)
+    ref = open_clip.loss.ClipLoss()(image.double(), text.double(), scale.double()).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = open_clip.loss.ClipLoss()(image, text, scale).item()
+        ours = ClipLoss(backend=backend)(image, text, scale).item()
+    print(f"|loss - fp64|: open_clip {abs(theirs - ref):.2e}, ours {abs(ours - ref):.2e} (loss {ref:.3f})")
+    assert abs(ours - ref) <= 1e-5 * abs(ref)
+    assert abs(theirs - ref) >= 1e-4 * abs(ref)
+
+
 # ----------------------------------------------------------------------------- refused modes, create_loss
 
 
