@@ -151,6 +151,37 @@ def train(config: dict, run: str, data: str, world: int) -> list[dict]:
     return calls
 
 
+def report_global_check(rank: int, world: int) -> dict:
+    """report_global_loss=True on this rank's own features: the value is the mean of the ranks'
+    losses, the gradients those of the rank's own loss (as without the option)."""
+    import torch.nn.functional as F
+
+    from llm2clip_kernels.open_clip import ClipLoss, SigLipLoss
+
+    gen = torch.Generator().manual_seed(100 + rank)
+    feats = [F.normalize(torch.randn(6, 8, generator=gen), dim=-1) for _ in range(2)]
+    out = {}
+    for name, make in (
+        ("clip-local", lambda **kw: ClipLoss(True, True, rank=rank, world_size=world, backend="torch", **kw)),
+        ("siglip", lambda **kw: SigLipLoss(rank=rank, world_size=world, backend="torch", **kw)),
+    ):
+        runs = []
+        for report in (False, True):
+            image, text = (f.clone().requires_grad_() for f in feats)
+            loss = make(report_global_loss=report)(image, text, 10.0, -2.0 if name == "siglip" else None)
+            loss.backward()
+            runs.append((loss.detach(), image.grad, text.grad))
+        mean = runs[0][0].clone()
+        dist.all_reduce(mean)
+        mean /= world
+        out[name] = {
+            "value_minus_mean": abs(runs[1][0] - mean).item(),
+            "own_minus_mean": abs(runs[0][0] - mean).item(),
+            "grad_diff": max((a - b).abs().max().item() for a, b in zip(runs[0][1:], runs[1][1:])),
+        }
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rank", type=int, default=0)
@@ -170,6 +201,8 @@ def main():
     results = {}
     for config in json.loads(args.configs):
         results[config["name"]] = {run: train(config, run, args.data, args.world) for run in RUNS}
+    if args.world > 1:
+        results["report_global_loss"] = report_global_check(args.rank, args.world)
     with open(os.path.join(args.out, f"results{args.world}_rank{args.rank}.json"), "w") as f:
         json.dump(results, f)
     if args.world > 1:

@@ -292,3 +292,8 @@ def test_open_clip_trainer(tmp_path):
     default = [np.array([c["loss"] for c in two[r]["clip-default"]["fused"]]) for r in range(2)]
     local = [np.array([c["loss"] for c in two[r]["clip-local"]["fused"]]) for r in range(2)]
     assert np.abs(default[0] - default[1]).max() < 1e-6 and np.abs(local[0] - local[1]).max() > 1e-3
+    # report_global_loss: the ranks' mean as the value (not the rank's own), the same gradients.
+    for rank in range(2):
+        for name, r in two[rank]["report_global_loss"].items():
+            assert r["value_minus_mean"] < 1e-6 < r["own_minus_mean"], (name, rank, r)
+            assert r["grad_diff"] == 0.0, (name, rank, r)
