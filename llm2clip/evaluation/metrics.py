@@ -79,6 +79,42 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
     return out
 
 
+def _retrieval_inputs(image_feats: Tensor, text_feats: Tensor, text_to_image: Tensor):
+    """Checked (N, D) fp32 images, (M, D) fp32 texts and (M,) long caption->image ids, all on the
+    images' device."""
+    _check_features("image_feats", image_feats)
+    _check_features("text_feats", text_feats)
+    n, m = image_feats.shape[0], text_feats.shape[0]
+    if text_feats.shape[1] != image_feats.shape[1]:
+        raise ValueError(
+            f"image features are {image_feats.shape[1]}-d, text features {text_feats.shape[1]}-d"
+        )
+    if text_to_image.shape != (m,):
+        raise ValueError(f"text_to_image must have shape ({m},), got {tuple(text_to_image.shape)}")
+    dev = image_feats.device
+    t2i = text_to_image.to(dev, torch.long)
+    if int(t2i.min()) < 0 or int(t2i.max()) >= n:
+        raise ValueError(f"text_to_image holds image ids outside [0, {n})")
+    return image_feats.float(), text_feats.to(dev, torch.float32), t2i
+
+
+def _classification_inputs(image_feats: Tensor, classifier: Tensor, labels: Tensor):
+    """Checked (N, D) fp32 images, (C, D) fp32 class weights and (N,) long labels, all on the
+    images' device."""
+    _check_features("image_feats", image_feats)
+    _check_features("classifier", classifier)
+    n, c = image_feats.shape[0], classifier.shape[0]
+    if classifier.shape[1] != image_feats.shape[1]:
+        raise ValueError(f"image features are {image_feats.shape[1]}-d, classifier {classifier.shape[1]}-d")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    dev = image_feats.device
+    labels = labels.to(dev, torch.long)
+    if int(labels.min()) < 0 or int(labels.max()) >= c:
+        raise ValueError(f"labels outside [0, {c})")
+    return image_feats.float(), classifier.to(dev, torch.float32), labels
+
+
 def _i2t_chance(counts: Sequence[int], m: int, k: int) -> float:
     """Mean over images of P(at least one of its c captions in the top k of a random ranking of m):
     1 - C(m - c, k) / C(m, k) = 1 - prod_{t<k} (m - c - t) / (m - t)."""
@@ -118,21 +154,9 @@ def retrieval_metrics(
     ``i2t_queries`` (images with at least one caption: the i2t denominator). Ties count against the
     model (module docstring). Scores are computed in fp32 on image_feats' device.
     """
-    _check_features("image_feats", image_feats)
-    _check_features("text_feats", text_feats)
     ks = _check_ks(ks)
-    n, d = image_feats.shape
-    m = text_feats.shape[0]
-    if text_feats.shape[1] != d:
-        raise ValueError(f"image features are {d}-d, text features {text_feats.shape[1]}-d")
-    if text_to_image.shape != (m,):
-        raise ValueError(f"text_to_image must have shape ({m},), got {tuple(text_to_image.shape)}")
-    dev = image_feats.device
-    img = image_feats.float()
-    txt = text_feats.to(dev, torch.float32)
-    t2i = text_to_image.to(dev, torch.long)
-    if int(t2i.min()) < 0 or int(t2i.max()) >= n:
-        raise ValueError(f"text_to_image holds image ids outside [0, {n})")
+    img, txt, t2i = _retrieval_inputs(image_feats, text_feats, text_to_image)
+    n, m, dev = img.shape[0], txt.shape[0], img.device
 
     # image -> text: texts sorted by image, so a block of images owns a contiguous run of texts
     per_image = torch.bincount(t2i, minlength=n)
@@ -183,19 +207,9 @@ def zeroshot_accuracy(
     Returns floats ``top{k}`` and ``chance_top{k}`` (= min(k, C) / C), ints ``N`` and ``C``.
     A tie with a wrong class counts as a miss (module docstring).
     """
-    _check_features("image_feats", image_feats)
-    _check_features("classifier", classifier)
     ks = _check_ks(ks)
-    n, c = image_feats.shape[0], classifier.shape[0]
-    if classifier.shape[1] != image_feats.shape[1]:
-        raise ValueError(f"image features are {image_feats.shape[1]}-d, classifier {classifier.shape[1]}-d")
-    if labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    dev = image_feats.device
-    img, cls = image_feats.float(), classifier.to(dev, torch.float32)
-    labels = labels.to(dev, torch.long)
-    if int(labels.min()) < 0 or int(labels.max()) >= c:
-        raise ValueError(f"labels outside [0, {c})")
+    img, cls, labels = _classification_inputs(image_feats, classifier, labels)
+    n, c, dev = img.shape[0], cls.shape[0], img.device
     rank = torch.empty(n, dtype=torch.long, device=dev)
     rows = _block_rows(c, chunk_elems)
     for a in range(0, n, rows):
@@ -263,21 +277,9 @@ def benchmark_retrieval(
 
     Returns floats ``image_retrieval_recall@k`` (text -> image), ``text_retrieval_recall@k``
     (image -> text, over all N images) and ``chance_<metric>``; ints ``N``, ``M``."""
-    _check_features("image_feats", image_feats)
-    _check_features("text_feats", text_feats)
     ks = _check_ks(ks)
-    n, m = image_feats.shape[0], text_feats.shape[0]
-    if text_feats.shape[1] != image_feats.shape[1]:
-        raise ValueError(
-            f"image features are {image_feats.shape[1]}-d, text features {text_feats.shape[1]}-d"
-        )
-    if text_to_image.shape != (m,):
-        raise ValueError(f"text_to_image must have shape ({m},), got {tuple(text_to_image.shape)}")
-    dev = image_feats.device
-    img, txt = image_feats.float(), text_feats.to(dev, torch.float32)
-    t2i = text_to_image.to(dev, torch.long)
-    if int(t2i.min()) < 0 or int(t2i.max()) >= n:
-        raise ValueError(f"text_to_image holds image ids outside [0, {n})")
+    img, txt, t2i = _retrieval_inputs(image_feats, text_feats, text_to_image)
+    n, m, dev = img.shape[0], txt.shape[0], img.device
     t2i_hits = {k: torch.empty(m, dtype=torch.bool, device=dev) for k in ks}
     rows = _block_rows(n, chunk_elems)
     for a in range(0, m, rows):  # clip_benchmark: scores = texts @ images.T, top k per text
@@ -316,18 +318,8 @@ def benchmark_classification(
 
     Returns ``acc1``, ``acc5`` (None when C < 5), ``mean_per_class_recall``, ``chance_<metric>``,
     ints ``N``, ``C``."""
-    _check_features("image_feats", image_feats)
-    _check_features("classifier", classifier)
-    n, c = image_feats.shape[0], classifier.shape[0]
-    if classifier.shape[1] != image_feats.shape[1]:
-        raise ValueError(f"image features are {image_feats.shape[1]}-d, classifier {classifier.shape[1]}-d")
-    if labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    dev = image_feats.device
-    img, cls = image_feats.float(), classifier.to(dev, torch.float32)
-    labels = labels.to(dev, torch.long)
-    if int(labels.min()) < 0 or int(labels.max()) >= c:
-        raise ValueError(f"labels outside [0, {c})")
+    img, cls, labels = _classification_inputs(image_feats, classifier, labels)
+    n, c, dev = img.shape[0], cls.shape[0], img.device
     ks = (1, 5) if c >= 5 else (1,)
     hits = {k: 0 for k in ks}
     pred = torch.empty(n, dtype=torch.long, device=dev)
