@@ -10,6 +10,7 @@ A single process (no torchrun) is world size 1: every helper then works without 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
     "gather_object",
     "init_distributed",
     "print0",
+    "release_process_groups",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -73,6 +75,11 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = _device(device, local_rank)
     if world > 1 and not torch_dist.is_initialized():
+        # torch.distributed.nn.functional binds group.WORLD as its functions' default `group` when
+        # first imported: imported after the init (FSDP2 does, lazily) it would hold the group for
+        # the life of the process. Imported now, the defaults are None (see release_process_groups).
+        import torch.distributed.nn.functional  # noqa: F401
+
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         kw = {"device_id": dev} if dev.type == "cuda" else {}
         torch_dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kw)
@@ -85,7 +92,8 @@ def distributed_session(
 ) -> Iterator[DistInfo]:
     """init_distributed(), and on the way out destroy the process group this call created. On a
     clean exit every rank passes a barrier first: gloo aborts a process whose peer tears its
-    connections down while it is still in a collective."""
+    connections down while it is still in a collective. The groups are then released
+    (:func:`release_process_groups`) so that none outlives the interpreter."""
     existed = torch_dist.is_available() and torch_dist.is_initialized()
     dist = init_distributed(device, backend, timeout_s)
     owner = dist.distributed and not existed
@@ -96,6 +104,29 @@ def distributed_session(
     finally:
         if owner and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
+            release_process_groups()
+
+
+def release_process_groups() -> None:
+    """Free the process groups that destroy_process_group() left alive, while Python still runs.
+
+    FSDP2's DeviceMesh keeps its groups in ``_pg_registry``, and DTensor's sharding caches keep the
+    mesh for the life of the process. Without this, the group and its gloo threads live until
+    interpreter finalization and are torn down there, which now and then aborts the process after
+    a successful run ("terminate called without an active exception", exit -6; seen in CI after a
+    2-rank FSDP2 run). init_distributed() removes the other holder, torch.distributed.nn.functional.
+    Call it only after destroy_process_group(): the meshes are unusable afterwards.
+    """
+    gc.collect()  # a model's reference cycles (module hooks) hold its mesh too
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # a torch without DeviceMesh has no such holder
+        return
+    for obj in gc.get_objects():
+        registry = getattr(obj, "_pg_registry", None) if isinstance(obj, DeviceMesh) else None
+        if isinstance(registry, dict):
+            registry.clear()
+    gc.collect()
 
 
 def print0(dist: DistInfo | None, *args, **kwargs) -> None:

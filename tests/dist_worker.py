@@ -18,6 +18,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from gloo_threads import leave_process_group  # tests/ is this script's sys.path[0]
+
+# Imported before the group exists: torch.distributed.nn.functional keeps group.WORLD as its
+# functions' default argument, and a group it keeps outlives destroy_process_group().
+from torch.distributed.nn.functional import all_gather
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -76,8 +81,6 @@ def run_case(case: dict, rank: int, world: int) -> dict:
 
 def literal_open_clip(case, image, text, rank, world):
     """open_clip's ClipLoss(local_loss=True, gather_with_grad=True) / SigLipLoss, equal batches."""
-    from torch.distributed.nn.functional import all_gather
-
     image = image.clone().requires_grad_()
     text = text.clone().requires_grad_()
     scale = torch.tensor(case["scale"], dtype=image.dtype, requires_grad=True)
@@ -167,10 +170,7 @@ def main():
         except Exception:
             results.append({"crash": traceback.format_exc()})
     torch.save(results, os.path.join(args.out, f"rank{args.rank}.pt"))
-    # Every rank leaves together: gloo aborts a process ("terminate called without an active
-    # exception") when a peer tears its connections down while it is still in a collective.
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
