@@ -1,8 +1,7 @@
 """JPEG draft decoding (llm2clip.data.images, decode="draft"): the same crops as the full decode,
 pixels within a documented bound, and the full-decode path bit for bit where no reduction applies.
 
-Images: matplotlib's grace_hopper.jpg (a photograph; matplotlib is in the test extra), re-encoded
-at the shorter sides img2dataset commonly writes.
+Images: tests/photo_fixtures.py (a photograph re-encoded at the sizes img2dataset writes).
 """
 
 from __future__ import annotations
@@ -16,52 +15,24 @@ import torch
 from PIL import Image
 
 from llm2clip.data.images import decode_image, eval_transform, train_transform
+from tests.photo_fixtures import photo_jpegs, pixel_diff
 
 MAE_BOUND = 3.5  # of 255, per image
 PSNR_BOUND = 27.0  # dB, per image
-
-
-def _photo_jpegs(side: int, n: int) -> list[bytes]:
-    matplotlib = pytest.importorskip("matplotlib", reason="grace_hopper.jpg comes with matplotlib")
-    import os
-
-    src = Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert(
-        "RGB"
-    )
-    rng = random.Random(side)
-    out = []
-    for _ in range(n):
-        w, h = src.size
-        cw, ch = int(w * rng.uniform(0.7, 1.0)), int(h * rng.uniform(0.7, 1.0))
-        left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
-        aspect = rng.choice([1.0, 4 / 3, 3 / 2, 3 / 4])
-        size = (round(side * max(aspect, 1)), round(side * max(1 / aspect, 1)))
-        buf = io.BytesIO()
-        src.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch)).save(
-            buf, "JPEG", quality=90
-        )
-        out.append(buf.getvalue())
-    return out
-
-
-def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    d = a.double() - b.double()
-    mse = float((d**2).mean())
-    return float(d.abs().mean()), (10 * np.log10(255**2 / mse) if mse else float("inf"))
 
 
 @pytest.mark.parametrize("side", [512, 600])
 def test_draft_keeps_the_crop_and_bounds_the_pixels(side):
     tf, ev = train_transform(224), eval_transform(224)
     reduced = 0
-    for i, data in enumerate(_photo_jpegs(side, 12)):
+    for i, data in enumerate(photo_jpegs(side, 12)):
         full_rng, draft_rng = random.Random(i), random.Random(i)
         full = tf(decode_image(data), full_rng)
         draft = tf.from_bytes(data, draft_rng, draft=True)
         assert full_rng.getstate() == draft_rng.getstate()  # the same draws: the same crop box
         assert torch.equal(tf.from_bytes(data, random.Random(i), draft=False), full)
         for a, b in ((full, draft), (ev(decode_image(data)), ev.from_bytes(data, draft=True))):
-            mae, psnr = _diff(a, b)
+            mae, psnr = pixel_diff(a, b)
             reduced += mae > 0
             assert mae <= MAE_BOUND and psnr >= PSNR_BOUND, (i, mae, psnr)
     assert reduced >= 12  # most crops of these sizes are decoded reduced
@@ -69,7 +40,7 @@ def test_draft_keeps_the_crop_and_bounds_the_pixels(side):
 
 def test_no_reduction_is_the_full_decode_bit_for_bit():
     tf, ev = train_transform(224), eval_transform(224)
-    for i, data in enumerate(_photo_jpegs(300, 4)):  # crops < 448 px: no 1/2 decode possible
+    for i, data in enumerate(photo_jpegs(300, 4)):  # crops < 448 px: no 1/2 decode possible
         assert torch.equal(tf.from_bytes(data, random.Random(i)), tf(decode_image(data), random.Random(i)))
         assert torch.equal(ev.from_bytes(data), ev(decode_image(data)))
     png = io.BytesIO()

@@ -26,11 +26,12 @@ FIELDS = ("short", "dense")
 TINY_VIT = '{"width": 32, "depth": 2, "heads": 2, "patch_size": 8, "image_size": 16}'
 
 
-def png(rng: np.random.Generator, cls: int, size: int = 20) -> bytes:
+def png(rng: np.random.Generator, cls: int, size: int = 20, fmt: str = "png") -> bytes:
+    """A class-coloured noisy image, encoded as PNG ("png") or JPEG ("jpg")."""
     colour = np.array([(cls * 67) % 256, (cls * 131 + 40) % 256, (cls * 29 + 90) % 256])
     pixels = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
+    Image.fromarray(pixels).save(buf, format={"png": "PNG", "jpg": "JPEG"}[fmt])
     return buf.getvalue()
 
 
@@ -52,9 +53,10 @@ def make_data(
     model_id: str = "test/tiny-llm",
     cache_dir: str = "cache",
     seed: int = 0,
+    fmt: str = "png",
 ) -> tuple[list[str], Path]:
-    """(shard paths, cache dir). The first `corrupt` samples of the first shard have truncated PNGs,
-    the next `missing_rows` have no cache row."""
+    """(shard paths, cache dir). The first `corrupt` samples of the first shard have truncated
+    images, the next `missing_rows` have no cache row. fmt: "png" or "jpg" (the member's name too)."""
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     directions = torch.nn.functional.normalize(torch.randn(CLASSES, DIM, generator=gen), dim=1)
@@ -66,11 +68,11 @@ def make_data(
         for k in range(per_shard):
             cls = int(rng.integers(CLASSES))
             key = f"{k:05d}"
-            image = png(rng, cls)
+            image = png(rng, cls, fmt=fmt)
             j = s * per_shard + k
             if j < corrupt:
                 image = image[: len(image) // 3]
-            samples.append({"__key__": key, "png": image, "txt": f"class {cls} item {j}", "cls": str(cls)})
+            samples.append({"__key__": key, fmt: image, "txt": f"class {cls} item {j}", "cls": str(cls)})
             if not (corrupt <= j < corrupt + missing_rows):
                 entries.append((key, cls))
         write_shard(str(root / name), samples)

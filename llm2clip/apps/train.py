@@ -28,6 +28,7 @@ from llm2clip.cache import CacheError, EmbeddingCache
 from llm2clip.cache.device import DeviceRows
 from llm2clip.cli import UsageError, build_parser, run
 from llm2clip.cli import parse_config as _parse
+from llm2clip.data.device_decode import finish_batch, resolve_decode
 from llm2clip.data.fields import FieldSpec
 from llm2clip.data.images import normalize_images
 from llm2clip.data.shards import ReadPolicy, expand_shards
@@ -199,7 +200,8 @@ def setup(cfg: TrainConfig, dist: DistInfo) -> Stage2:
     dataset = ShardImageDataset(
         shards, cache, d.fields, d.batch_size, clip_model.visual.image_size,
         rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, shard_sizes=sizes,
-        exact_sizes=not d.train_num_samples, on_shard_error=d.on_shard_error, decode=d.decode, policy=policy,
+        exact_sizes=not d.train_num_samples, on_shard_error=d.on_shard_error, policy=policy,
+        decode=resolve_decode(d.decode, dist.device),
     )  # fmt: skip
     total = cfg.optim.steps or cfg.optim.epochs * dataset.batches_per_epoch()
     o = cfg.optim
@@ -223,6 +225,7 @@ def setup(cfg: TrainConfig, dist: DistInfo) -> Stage2:
             "world_size": dist.world_size,
         }
         resolved.update(batches_per_epoch=dataset.batches_per_epoch(), total_steps=total)
+        resolved["decode"] = dataset.decode  # --decode auto resolved on this machine
         atomic_write_json(out / "config.json", resolved)
     _attach_step_parts(run)
     return run
@@ -299,7 +302,7 @@ def train(cfg: TrainConfig, dist: DistInfo, on_step: Callable[[int], None] | Non
     batches = iter(loader)
     run.model.train()
     while step < run.end:
-        batch = next(batches)
+        batch = finish_batch(next(batches), dist.device)  # decode="device": JPEGs decoded here
         if batch["index"] != step:  # the data position must be the step: a resume relies on it
             raise RuntimeError(f"data loader returned batch {batch['index']} at step {step}")
         kept = run.skips.update(step, batch["rows"].shape[0], batch["skipped"])
@@ -353,7 +356,7 @@ def _banner(run: Stage2) -> str:
         f"{run.dataset.batches_per_epoch()} steps/epoch, {run.total} steps, global batch "
         f"{cfg.data.batch_size * dist.world_size}, chunk {cfg.parallel.chunk_size or 'off'}, "
         f"{'fused' if cfg.loss.fused_loss else 'plain'} {cfg.loss.kind} loss, cache {run.cache.dim}-d on "
-        f"{run.rows.tier}, device {dist.device}, world {dist.world_size}"
+        f"{run.rows.tier}, device {dist.device}, world {dist.world_size}, decode {run.dataset.decode}"
         f"{', FSDP2' if cfg.parallel.fsdp else ''}"
     )
 

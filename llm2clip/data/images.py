@@ -10,7 +10,7 @@ Transforms produce uint8 tensors so DataLoader workers ship 1 byte per pixel; th
 normalises on the device. Every random draw of a transform comes from the generator it is given.
 
 Decode paths (``DECODE_MODES``; docs/data.md): ``pil`` decodes the whole image, then crops and
-resamples. ``draft`` (the default, ``auto``) draws the same crop box from the image's header size,
+resamples. ``draft`` (``auto`` on the CPU) draws the same crop box from the image's header size,
 then lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale (DCT-domain downscaling, PIL's
 ``Image.draft``) as long as the crop stays at least the output size, and resamples the scaled
 box: about 2-3x the samples/s of ``pil`` at 224 px from ~500 px JPEGs (bench/data_throughput.py).
@@ -18,7 +18,8 @@ The crop geometry and its statistics are identical; pixels differ slightly becau
 scaled IDCT replaces part of the bicubic filter's downscaling (tests/test_decode.py bounds the
 difference per image: mean absolute error <= 3.5 of 255 and PSNR >= 27 dB; measured worst 2.65 /
 33 dB on a photograph at 512 px, 2.98 / 28.5 dB with cartoon cut-outs). Other formats and images
-too small to reduce take the ``pil`` path bit for bit.
+too small to reduce take the ``pil`` path bit for bit. ``device`` leaves JPEGs to the main process,
+which decodes them on the GPU (llm2clip.data.device_decode); ``auto`` picks it on a GPU.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import math
 import random
 import struct
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ from PIL import Image
 __all__ = [
     "DECODE_MODES",
     "IMAGE_FIELDS",
+    "ResamplePlan",
     "decode_image",
     "eval_transform",
     "normalize_images",
@@ -48,8 +51,9 @@ log = logging.getLogger(__name__)
 IMAGE_FIELDS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 """Member suffixes that hold a sample's image, tried in this order."""
 
-DECODE_MODES: tuple[str, ...] = ("auto", "pil", "draft")
-"""auto: the fastest CPU path available (draft)."""
+DECODE_MODES: tuple[str, ...] = ("auto", "pil", "draft", "device")
+"""auto: device on a GPU that torchvision decodes JPEGs on, else draft (the fastest CPU path);
+device: JPEGs decoded on the training device (llm2clip.data.device_decode)."""
 
 # PIL raises any of these on malformed input (UnidentifiedImageError is an OSError; struct.error and
 # EOFError come from plugins reading short headers).
@@ -105,6 +109,24 @@ def _draft(img: Image.Image, box: tuple[float, float, float, float], size: int) 
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
+class ResamplePlan(NamedTuple):
+    """How a (width x height) image becomes the S x S output, decided from its header alone: crop
+    `box` (left, top, right, bottom, full-size pixels), resample the crop to `size` (width, height;
+    bicubic), then cut the S x S window at `offset` (left, top). The ``device`` decode path
+    (llm2clip.data.device_decode) carries it from the data workers to the main process."""
+
+    box: tuple[int, int, int, int]
+    size: tuple[int, int]
+    offset: tuple[int, int]
+
+
+def _eval_geometry(w: int, h: int, s: int) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top) of the eval transform: shorter side -> s, the
+    longer side scaled and truncated (as torchvision's Resize(int) does), centre crop."""
+    nw, nh = (s, max(s, int(s * h / w))) if w <= h else (max(s, int(s * w / h)), s)
+    return nw, nh, int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
+
+
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) uint8 tensor."""
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
@@ -125,12 +147,7 @@ class _EvalTransform:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         s = self.size
         w, h = img.size
-        # Shorter side -> s, longer side scaled and truncated (as torchvision's Resize(int) does).
-        if w <= h:
-            nw, nh = s, max(s, int(s * h / w))
-        else:
-            nw, nh = max(s, int(s * w / h)), s
-        left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
+        nw, nh, left, top = _eval_geometry(w, h, s)
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), Image.Resampling.BICUBIC)
         return _to_tensor(img.crop((left, top, left + s, top + s)))
@@ -142,14 +159,18 @@ class _EvalTransform:
         if draft:
             s = self.size
             w, h = img.size
-            nw, nh = (s, max(s, int(s * h / w))) if w <= h else (max(s, int(s * w / h)), s)
-            left, top = int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))
+            nw, nh, left, top = _eval_geometry(w, h, s)
             full = (left * w / nw, top * h / nh, (left + s) * w / nw, (top + s) * h / nh)
             box = _draft(img, full, s)
             if box is not full:
                 img = _load_rgb(img, data)
                 return _to_tensor(img.resize((s, s), Image.Resampling.BICUBIC, box=box))
         return self(_load_rgb(img, data))
+
+    def plan(self, width: int, height: int, rng: random.Random | None = None) -> ResamplePlan:
+        """This transform as a ResamplePlan (no random draw; `rng` is accepted for symmetry)."""
+        nw, nh, left, top = _eval_geometry(width, height, self.size)
+        return ResamplePlan((0, 0, width, height), (nw, nh), (left, top))
 
 
 def eval_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
@@ -201,6 +222,11 @@ class _TrainTransform:
         # resize(box=...) crops and resamples in one pass (no intermediate crop image).
         out = img.resize((s, s), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
         return _to_tensor(out)
+
+    def plan(self, width: int, height: int, rng: random.Random) -> ResamplePlan:
+        """This transform as a ResamplePlan, with the same draws from rng as __call__."""
+        left, top, cw, ch = self.crop_box(width, height, rng)
+        return ResamplePlan((left, top, left + cw, top + ch), (self.size, self.size), (0, 0))
 
     def from_bytes(self, data: bytes, rng: random.Random, draft: bool = True) -> torch.Tensor:
         """decode_image then this transform, with the same draws from rng; with `draft`, a JPEG

@@ -20,7 +20,7 @@ Contract (the algorithm is in docs/training.md, "The data stream"):
   end are counted as short_shard and samples past its nominal size are not used.
 
 Shards may be local paths or URLs (``llm2clip.data.shards``); images are decoded by the ``decode``
-path (``llm2clip.data.images``: ``auto`` = draft).
+path (``llm2clip.data.images``: ``auto`` = draft; ``device``: llm2clip.data.device_decode).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from llm2clip.cache import EmbeddingCache
-from llm2clip.data.images import DECODE_MODES, IMAGE_FIELDS, _EvalTransform, _TrainTransform
+from llm2clip.data.device_decode import DEVICE_JPEG_MODES, DeferredImages
+from llm2clip.data.images import DECODE_MODES, IMAGE_FIELDS, _EvalTransform, _open, _TrainTransform
 from llm2clip.data.shards import (
     ReadPolicy,
     ShardError,
@@ -95,14 +96,18 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
     shuffle: permute shards per epoch and samples within each shard if True, else tar order.
     exact_sizes: shard_sizes are exact (a mismatch raises); False: nominal (module docstring).
     on_shard_error: "raise" (ShardError) or "skip" (count the shard's samples as unreadable_shard).
-    decode: image decode path, one of DECODE_MODES ("auto": draft, the fastest on the CPU).
+    decode: image decode path, one of DECODE_MODES ("auto": draft here; the trainer resolves it
+        with llm2clip.data.device_decode.resolve_decode). "device": JPEGs are decoded by
+        finish_batch in the main process, and the items carry them under "deferred".
     policy: retries and timeouts for URL shards (default: ReadPolicy.from_env()).
 
     Use with DataLoader(dataset, batch_size=None, num_workers=K) (keep in_order=True). Each item is
     {"images": (n, 3, S, S) uint8, "rows": (n,) int64 cache row ids, "index": batch index j,
     "epoch": data epoch of stream sample j * batch_size, "skipped": SkipCounts of this batch,
     "shards": [shard name] * n, "keys": [key] * n, "fields": [chosen field] * n}, n <= batch_size
-    (parallel lists of str: DataLoader workers would turn tuples into lists).
+    (parallel lists of str: DataLoader workers would turn tuples into lists). With decode="device"
+    also "deferred" (the JPEGs left to the main process, by batch position), and "images" holds
+    only the other samples' images: llm2clip.data.device_decode.finish_batch makes the item whole.
     """
 
     def __init__(
@@ -139,7 +144,7 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
         self.exact_sizes = exact_sizes
         self.on_shard_error = on_shard_error
         self.decode = decode
-        self.draft = decode in ("auto", "draft")
+        self.draft = decode != "pil"  # "device" decodes its non-JPEG images as "draft" does
         self.policy = policy or ReadPolicy.from_env()
         self.fields = list(fields)
         if not self.fields or not all(isinstance(f, str) and f for f in self.fields):
@@ -283,6 +288,7 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
         # (n, F) row ids, -1 where a field has no row; one vectorised lookup per field.
         rows = np.stack([self.cache.lookup(names, keys, f) for f in self.fields], axis=1) if samples else None
         images, out_rows, out_shards, out_keys, out_fields = [], [], [], [], []
+        deferred = DeferredImages() if self.decode == "device" else None
         for i, (ep, name, key, members, _) in enumerate(samples):
             data = next((members[f] for f in IMAGE_FIELDS if f in members), None)
             if data is None:
@@ -295,10 +301,7 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
             rng = random.Random(f"{self.seed}/{ep}/{name}/{key}")
             f = int(have[int(rng.random() * have.size)])
             try:
-                if self.augment:
-                    image = self._train_tf.from_bytes(data, rng, draft=self.draft)
-                else:
-                    image = self._eval_tf.from_bytes(data, draft=self.draft)
+                image = self._image(data, rng, len(images), deferred)
             except ValueError as e:
                 log.debug("skipping sample %r of shard %s: %s", key, name, e)
                 skipped.add("corrupt_image", name)
@@ -312,8 +315,10 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
         # The rows' cache blocks are verified here, in the worker, the first time they are used
         # (cache integrity at no cost to the main process; docs/cache.md, "Integrity").
         self.cache.check_rows(out_rows)
-        return {
-            "images": torch.stack(images) if images else torch.empty((0, 3, s, s), dtype=torch.uint8),
+        # None: a JPEG left to the main process (decode="device"); "images" holds the others.
+        decoded = [x for x in images if x is not None]
+        batch = {
+            "images": torch.stack(decoded) if decoded else torch.empty((0, 3, s, s), dtype=torch.uint8),
             "rows": torch.tensor(out_rows, dtype=torch.int64),
             "index": index,
             "epoch": epoch,
@@ -322,3 +327,20 @@ class ShardImageDataset(torch.utils.data.IterableDataset):
             "keys": out_keys,
             "fields": out_fields,
         }
+        if deferred is not None:
+            batch["deferred"] = deferred.pack()
+        return batch
+
+    def _image(self, data: bytes, rng: random.Random, position: int, deferred) -> torch.Tensor | None:
+        """The sample's (3, S, S) uint8 image; None when its JPEG is left to the main process
+        (decode="device": `deferred` gets the bytes and the crop plan, drawn from rng as the CPU
+        paths draw it). ValueError if the image cannot be decoded."""
+        tf = self._train_tf if self.augment else self._eval_tf
+        if deferred is not None:
+            header = _open(data)
+            if header.format == "JPEG" and header.mode in DEVICE_JPEG_MODES:
+                deferred.add(position, data, tf.plan(*header.size, rng))
+                return None
+        if self.augment:
+            return self._train_tf.from_bytes(data, rng, draft=self.draft)
+        return self._eval_tf.from_bytes(data, draft=self.draft)

@@ -19,6 +19,7 @@ import torch
 from llm2clip.cache.manifest import POOLING_MODES
 from llm2clip.cli import config_field as _f
 from llm2clip.cli import require_finite, section
+from llm2clip.data.images import DECODE_MODES
 from llm2clip.distributed import DEVICES
 from llm2clip.training.losses import LOSSES
 from llm2clip.training.optim import DECAYS
@@ -106,8 +107,10 @@ class DataConfig:
     shard_retries: int = _f(3, "Retries of a failed URL read (with backoff) before the shard is unreadable.")
     shard_timeout_s: float = _f(60.0, "Seconds a URL read may stall (or go below 1 KiB/s) before a retry.")
     decode: str = _f(
-        "auto", "Image decode path: auto (= draft), draft (JPEG reduced by libjpeg) or pil.",
-        choices=("auto", "draft", "pil"),
+        "auto", "Image decode path: device (JPEGs decoded on the training device, nvJPEG on a GPU, in "
+        "the main process; needs torchvision), draft (JPEGs reduced by libjpeg in the workers), pil, "
+        "or auto (device on a GPU torchvision decodes on, else draft).",
+        choices=DECODE_MODES,
     )  # fmt: skip
 
     def __post_init__(self) -> None:
