@@ -1,9 +1,9 @@
 """Data path throughput: shard reading, and decoded + augmented samples/s per worker at 224 px.
 
 One process, one torch thread: what one DataLoader worker does. ``read``: our tar walk beside
-webdataset's; ``decode``: the pil, draft and (CUDA + torchvision) nvjpeg paths on JPEGs
-re-encoded from photographs. Target: draft >= 2x pil per core from 512 px JPEGs. Details:
-bench/README.md; :func:`worker_rate` feeds bench/train_throughput.py's breakdown.
+webdataset's; ``decode``: the pil and draft paths per core and, on a GPU, nvjpeg (the trainer's
+``--decode device``) on JPEGs re-encoded from photographs. Target: draft >= 2x pil per core from
+512 px JPEGs. Details: bench/README.md; :func:`worker_rate` feeds bench/train_throughput.py's breakdown.
 
     python bench/data_throughput.py                 # read + decode at shorter sides 400,512,600
     python bench/data_throughput.py --quick         # fewer images, ~30 s
@@ -16,6 +16,7 @@ import contextlib
 import glob
 import io
 import json
+import math
 import os
 import random
 import statistics
@@ -184,29 +185,38 @@ def decode_rates(jpegs: list[bytes], repeats: int) -> dict:
         return {name: rate(fn, len(jpegs), repeats) for name, fn in paths.items()}
 
 
-def nvjpeg_rate(jpegs: list[bytes], batch: int = 256) -> float:
-    """Images/s of GPU decoding (nvJPEG through torchvision) + crop + resize on the GPU."""
+def nvjpeg_case(jpegs: list[bytes], batch: int = 256, device: str = "cuda") -> dict:
+    """The trainer's decode="device" path, as its main process runs it (llm2clip.data.device_decode
+    .finish_batch: one nvJPEG call per batch on a GPU, then crop + resize per image): images/s, and
+    the pixel difference to the pil path on the same crops. device="cpu" runs the same code with
+    libjpeg-turbo (the smoke test)."""
     import torch
-    import torch.nn.functional as F
-    from torchvision.io import decode_jpeg
 
-    from llm2clip.data.images import decode_image, train_transform
+    from llm2clip.data.device_decode import DeferredImages, finish_batch
+    from llm2clip.data.images import _open, decode_image, train_transform
 
-    tf = train_transform(224)
-    sizes = [decode_image(d).size for d in jpegs]
-    data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in jpegs]
-    data, sizes = (data * (batch // len(data) + 1))[:batch], (sizes * (batch // len(sizes) + 1))[:batch]
-    boxes = [tf.crop_box(w, h, random.Random(i)) for i, (w, h) in enumerate(sizes)]
+    tf, dev = train_transform(224), torch.device(device)
+    deferred = DeferredImages()
+    for i in range(batch):
+        data = jpegs[i % len(jpegs)]
+        deferred.add(i, data, tf.plan(*_open(data).size, random.Random(i)))
+    packed = deferred.pack()
 
     def run():
-        out = torch.empty((batch, 3, 224, 224), dtype=torch.uint8, device="cuda")
-        for i, (img, (left, top, cw, ch)) in enumerate(zip(decode_jpeg(data, device="cuda"), boxes)):
-            crop = img[:, top : top + ch, left : left + cw].unsqueeze(0).float()
-            out[i] = F.interpolate(crop, size=(224, 224), mode="bicubic", antialias=True).clamp_(0, 255)[0]
-        torch.cuda.synchronize()
+        batch_in = {"images": torch.empty((0, 3, 224, 224), dtype=torch.uint8), "deferred": dict(packed),
+                    "rows": torch.zeros(batch, dtype=torch.int64)}  # fmt: skip
+        out = finish_batch(batch_in, dev)["images"]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return out
 
-    run()
-    return rate(run, batch, 5)
+    out = run().cpu()
+    maes, psnrs = [], []
+    for i, data in enumerate(jpegs[:batch]):
+        d = out[i].double() - tf(decode_image(data), random.Random(i)).double()
+        maes.append(float(d.abs().mean()))
+        psnrs.append(10 * math.log10(255**2 / max(float((d**2).mean()), 1e-12)))
+    return {"nvjpeg_per_s": rate(run, batch, 5), "nvjpeg_mae_worst": max(maes), "nvjpeg_psnr_min": min(psnrs)}
 
 
 def decode_case(side: int, args) -> dict:
@@ -220,14 +230,15 @@ def decode_case(side: int, args) -> dict:
         **pixel_difference(jpegs, 224),
     }
     if args.nvjpeg:
-        row["nvjpeg_per_s"] = nvjpeg_rate(jpegs)
+        row.update(nvjpeg_case(jpegs))
     return row
 
 
 def worker_rate(source: str = "measure", size: int = TARGET_SIZE) -> dict:
-    """One DataLoader worker's decoded + augmented samples/s on the trainer's default path (draft)
+    """One DataLoader worker's decoded + augmented samples/s on the trainer's CPU path (draft)
     from `size` px JPEGs to 224 px: measured now (the --quick settings, one thread), read from a
-    data_throughput JSON (its decode row with the nearest shorter side), or given as a number."""
+    data_throughput JSON (its decode row with the nearest shorter side; with the GPU's nvjpeg_per_s
+    when the row has it), or given as a number."""
     if source == "measure":
         r = decode_rates(make_jpegs(QUICK["images"], size, seed=size), QUICK["repeats"])["draft"]
         return {"samples_per_s": r, "short_side": size, "source": "measured in this run (draft path)"}
@@ -237,7 +248,10 @@ def worker_rate(source: str = "measure", size: int = TARGET_SIZE) -> dict:
     if not any(r.get("draft_per_s") for r in rows):
         raise ValueError(f"{source}: no decode row with draft_per_s")
     row = min((r for r in rows if r.get("draft_per_s")), key=lambda r: abs(r["short_side"] - size))
-    return {"samples_per_s": row["draft_per_s"], "short_side": row["short_side"], "source": source}
+    out = {"samples_per_s": row["draft_per_s"], "short_side": row["short_side"], "source": source}
+    if row.get("nvjpeg_per_s"):
+        out["nvjpeg_per_s"] = row["nvjpeg_per_s"]  # the main process's rate on --decode device
+    return out
 
 
 # fmt: off
@@ -251,7 +265,8 @@ DECODE_COLUMNS = [
     ("short side", "short_side", "d"), ("pil/s", "pil_per_s", ".0f"), ("draft/s", "draft_per_s", ".0f"),
     ("x", "draft_speedup", ".2f"), ("reduced", "reduced_fraction", ".0%"),
     ("MAE max", "mean_abs_worst", ".2f"), ("PSNR min", "psnr_min", ".1f"), ("max|d|", "max_abs", ".0f"),
-    ("nvjpeg/s", "nvjpeg_per_s", ".0f"), ("note", common.note, ""),
+    ("nvjpeg/s", "nvjpeg_per_s", ".0f"), ("nvjpeg MAE", "nvjpeg_mae_worst", ".2f"),
+    ("nvjpeg PSNR", "nvjpeg_psnr_min", ".1f"), ("note", common.note, ""),
 ]
 # fmt: on
 
@@ -265,12 +280,13 @@ def main(argv=None) -> int:
         vars(args).update(QUICK)
     args.nvjpeg = False
     if args.device == "cuda":
-        try:
-            import torchvision  # noqa: F401
+        import torch
 
-            args.nvjpeg = True
-        except ImportError:
-            print("CUDA is available but torchvision is not: no nvJPEG column (pip install torchvision)")
+        from llm2clip.data.device_decode import device_decode_available
+
+        args.nvjpeg = device_decode_available(torch.device("cuda"))
+        if not args.nvjpeg:
+            print("CUDA is available but no JPEG decoder runs on it: no nvJPEG column (torchcodec)")
     run = common.Run("data_throughput", args, argv)
     parts = ("read", "decode") if args.only is None else (args.only,)
     with run, tempfile.TemporaryDirectory(prefix="data_throughput-") as tmp:

@@ -21,7 +21,10 @@ from bench import common  # noqa: E402
 
 LOSS_FIELDS = tuple("method world b B D fwd_ms bwd_ms fwd_bwd_ms roofline_fwd_bwd_ms fwd_bwd_of_roofline "
                     "fwd_bwd_tflops peak_extra_mib".split())  # fmt: skip
-DECODE_FIELDS = ("short_side", "images", "pil_per_s", "draft_per_s", "draft_speedup", "nvjpeg_per_s")
+DECODE_FIELDS = (
+    "short_side", "images", "pil_per_s", "draft_per_s", "draft_speedup",
+    "nvjpeg_per_s", "nvjpeg_mae_worst", "nvjpeg_psnr_min",
+)  # fmt: skip
 BREAKDOWN_FIELDS = tuple("model batch chunk step_ms loss_ms gather_ms gather_device_ms data_ms data_passes "
                          "data_workers decode_per_worker_per_s decode_ms data_wait_ms workers_keep_up "
                          "workers_needed parts_ms fraction decode_source".split())  # fmt: skip
@@ -38,7 +41,8 @@ LOSS_COLUMNS = [
 DECODE_COLUMNS = [
     ("JPEG shorter side", "short_side", "d"), ("pil (1 core)", "pil_per_s", ".0f"),
     ("draft (1 core)", "draft_per_s", ".0f"), ("draft / pil", "draft_speedup", ".2f"),
-    ("nvJPEG (GPU)", "nvjpeg_per_s", ".0f"),
+    ("nvJPEG (GPU)", "nvjpeg_per_s", ".0f"), ("nvJPEG MAE vs pil", "nvjpeg_mae_worst", ".2f"),
+    ("nvJPEG PSNR vs pil", "nvjpeg_psnr_min", ".1f"),
 ]
 # fmt: on
 

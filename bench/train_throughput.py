@@ -463,6 +463,11 @@ def breakdown(run, st, rate) -> dict:
             workers_keep_up=decode_ms <= row["step_ms"],
             workers_needed=math.ceil(b / (dr["samples_per_s"] * row["step_ms"] * 1e-3)),
         )
+    if dr.get("nvjpeg_per_s"):
+        # --decode device instead: the main process decodes the batch on the GPU, inside the step.
+        row["device_decode_ms"] = b / dr["nvjpeg_per_s"] * 1e3
+        if "data_wait_ms" in row:
+            row["cheaper_decode"] = "device" if row["device_decode_ms"] < row["data_wait_ms"] else "draft"
     parts = row["loss_ms"] + row["gather_ms"] + passes * row["data_ms"] + row.get("data_wait_ms", 0.0)
     return {
         **row,
@@ -608,6 +613,11 @@ def report(rows, maxes, meta) -> str:
             f"ms{dev}, data receive {r['data_ms']:.3f} ms x {r['data_passes']}, {wait} -> "
             f"{r['parts_ms']:.2f} ms = {100 * r['fraction']:.2f}% of the step"
         )
+        if r.get("device_decode_ms") is not None:
+            lines.append(
+                f"--decode device instead: nvJPEG in the step, {r['device_decode_ms']:.2f} ms per batch "
+                f"(cheaper here: {r.get('cheaper_decode', 'not compared')})"
+            )
     if meta["device"] == "cpu":
         lines.append(
             "\nCPU run (tiny model, shared cores): no target is evaluated; these numbers are not targets."

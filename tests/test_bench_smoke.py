@@ -218,6 +218,17 @@ def test_data_decode_read_and_worker_rate(tmp_path):
     assert data_throughput.worker_rate("123.5")["samples_per_s"] == 123.5
 
 
+def test_data_decode_device_case_runs_the_trainers_path():
+    """The GPU column's code (finish_batch of decode="device"), run with the CPU's decoder."""
+    from bench import data_throughput
+
+    pytest.importorskip("torchcodec", reason="the device decode path's JPEG decoder")
+    jpegs = data_throughput.make_jpegs(4, 300)
+    row = data_throughput.nvjpeg_case(jpegs, batch=8, device="cpu")
+    assert row["nvjpeg_per_s"] > 0
+    assert row["nvjpeg_mae_worst"] <= 0.5 and row["nvjpeg_psnr_min"] >= 40  # tests/test_device_decode.py
+
+
 def test_cache_verify_cpu(tmp_path):
     from bench import cache_verify
 

@@ -38,12 +38,16 @@ def fast_ceiling(monkeypatch):
 
 
 def test_cpu_smoke(tmp_path, fast_ceiling):
+    # The decode rates as a GPU check's data_throughput JSON holds them (draft per worker, nvJPEG).
+    rates = tmp_path / "data_throughput-cuda-test.json"
+    rates.write_text(json.dumps({"rows": [{"part": "decode", "short_side": 512, "draft_per_s": 50.0,
+                                           "nvjpeg_per_s": 400.0}]}))  # fmt: skip
     rc = tt.main(
         [
             "--device", "cpu", "--threads", "2", "--out", str(tmp_path),
             "--batches", "8,16", "--chunk-size", "4", "--methods", "fused+gc,plain", "--steps", "2",
             "--find-max", "--find-max-methods", "fused+gc,plain", "--max-batch", "32",
-            "--breakdown-batch", "16", "--decode-rate", "50", "--data-workers", "2",
+            "--breakdown-batch", "16", "--decode-rate", str(rates), "--data-workers", "2",
         ]
     )  # fmt: skip
     assert rc == 0
@@ -96,8 +100,11 @@ def test_cpu_smoke(tmp_path, fast_ceiling):
     assert bd["workers_needed"] == math.ceil(16 / (50 * bd["step_ms"] * 1e-3))
     parts = bd["loss_ms"] + bd["gather_ms"] + 2 * bd["data_ms"] + bd["data_wait_ms"]
     assert bd["parts_ms"] == pytest.approx(parts) and bd["fraction"] == pytest.approx(parts / bd["step_ms"])
-    assert doc["data_rate"] == {"samples_per_s": 50.0, "short_side": None, "source": "given (--decode-rate)",
-                                "workers": 2}  # fmt: skip
+    assert doc["data_rate"] == {"samples_per_s": 50.0, "short_side": 512, "source": str(rates),
+                                "nvjpeg_per_s": 400.0, "workers": 2}  # fmt: skip
+    # --decode device instead: 16 samples at 400/s in the main process, beside the loader's wait
+    assert bd["device_decode_ms"] == pytest.approx(40)
+    assert bd["cheaper_decode"] == ("device" if 40 < bd["data_wait_ms"] else "draft")
 
 
 def test_oom_is_a_row_and_ends_the_doubling(tmp_path, fast_ceiling, monkeypatch):
