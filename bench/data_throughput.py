@@ -192,20 +192,14 @@ def nvjpeg_case(jpegs: list[bytes], batch: int = 256, device: str = "cuda") -> d
     libjpeg-turbo (the smoke test)."""
     import torch
 
-    from llm2clip.data.device_decode import DeferredImages, finish_batch
-    from llm2clip.data.images import _open, decode_image, train_transform
+    from llm2clip.data.device_decode import deferred_batch, finish_batch
+    from llm2clip.data.images import decode_image, train_transform
 
     tf, dev = train_transform(224), torch.device(device)
-    deferred = DeferredImages()
-    for i in range(batch):
-        data = jpegs[i % len(jpegs)]
-        deferred.add(i, data, tf.plan(*_open(data).size, random.Random(i)))
-    packed = deferred.pack()
+    item = deferred_batch(jpegs, 224, batch)
 
     def run():
-        batch_in = {"images": torch.empty((0, 3, 224, 224), dtype=torch.uint8), "deferred": dict(packed),
-                    "rows": torch.zeros(batch, dtype=torch.int64)}  # fmt: skip
-        out = finish_batch(batch_in, dev)["images"]
+        out = finish_batch(dict(item), dev)["images"]  # a copy: finish_batch takes "deferred" out
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return out

@@ -143,10 +143,21 @@ def test_a_batch_without_deferred_images_is_only_moved(mixed_shard):
 
 
 def test_resolve_decode(monkeypatch):
-    assert resolve_decode("auto", CPU) == "draft"  # no GPU: the fastest CPU path
-    assert resolve_decode("pil", CPU) == "pil" and resolve_decode("device", CPU) == "device"
+    assert resolve_decode("auto", CPU) == ("draft", "auto: no JPEG decoder on the device")
+    assert resolve_decode("pil", CPU)[0] == "pil" and resolve_decode("device", CPU)[0] == "device"
+    # On a GPU, auto compares the measured rates: the device's against the workers' draft decoding.
+    cuda = torch.device("cuda", 0)
     monkeypatch.setattr(device_decode, "device_decode_available", lambda device: True)
-    assert resolve_decode("auto", torch.device("cuda", 0)) == "device"
+    monkeypatch.setattr(device_decode, "decode_rates", lambda device, size: (300.0, 2000.0))
+    assert resolve_decode("auto", cuda, workers=4)[0] == "device"  # 2000/s > 4 x 300/s
+    used, why = resolve_decode("auto", cuda, workers=8)  # 8 x 300/s > 2000/s
+    assert used == "draft" and why == "auto: cuda:0 2000 samples/s vs 8 x 300 on the CPU"
+
+
+def test_decode_rates_measure_both_paths():
+    """What auto measures, run with the CPU's decoder standing in for the GPU's."""
+    cpu_rate, device_rate = device_decode.decode_rates(CPU, 24, n=8)
+    assert cpu_rate > 0 and device_rate > 0
 
 
 def test_torchvision_is_the_fallback_decoder(monkeypatch):
@@ -158,7 +169,7 @@ def test_torchvision_is_the_fallback_decoder(monkeypatch):
         assert torch.equal(a, b)  # libjpeg-turbo both
     monkeypatch.setitem(sys.modules, "torchvision.io", None)  # neither
     with pytest.raises(ImportError, match="decode='device' needs torchcodec"):
-        resolve_decode("device", CPU)
+        resolve_decode("device", CPU)  # fails at the start, not at the first batch
 
 
 def test_no_device_decode_without_cuda():
@@ -190,7 +201,8 @@ def test_trainer_runs_with_device_decode(tmp_path):
         metrics = main(args(data, out, "--decode", decode, "--workers", "2", "--steps", "3"))
         assert metrics["finished"]
         runs[decode] = out
-    assert json.loads((runs["device"] / "config.json").read_text())["decode"] == "device"
+    recorded = json.loads((runs["device"] / "config.json").read_text())["decode"]
+    assert recorded == {"used": "device", "why": "as given"}
     a, b = losses(runs["device"]), losses(runs["pil"])
     assert len(a) == len(b) == 3
     assert all(abs(x - y) <= 1e-3 * abs(y) for x, y in zip(a, b)), (a, b)  # measured 1e-5

@@ -197,11 +197,15 @@ def setup(cfg: TrainConfig, dist: DistInfo) -> Stage2:
         count = lambda: shard_sizes(shards, out / "shard_sizes.json", d.shard_sizes_file, policy)  # noqa: E731
         sizes = broadcast_object(count() if dist.is_main else None, dist)
     clip_model, model, optimizer = _model(cfg, dist, cache)
+    # One measurement (rank 0's, for --decode auto) and one decode path on every rank.
+    image_size = clip_model.visual.image_size
+    choice = resolve_decode(d.decode, dist.device, d.workers, image_size) if dist.is_main else None
+    decode, why = broadcast_object(choice, dist)
     dataset = ShardImageDataset(
-        shards, cache, d.fields, d.batch_size, clip_model.visual.image_size,
+        shards, cache, d.fields, d.batch_size, image_size,
         rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, shard_sizes=sizes,
         exact_sizes=not d.train_num_samples, on_shard_error=d.on_shard_error, policy=policy,
-        decode=resolve_decode(d.decode, dist.device),
+        decode=decode,
     )  # fmt: skip
     total = cfg.optim.steps or cfg.optim.epochs * dataset.batches_per_epoch()
     o = cfg.optim
@@ -225,7 +229,7 @@ def setup(cfg: TrainConfig, dist: DistInfo) -> Stage2:
             "world_size": dist.world_size,
         }
         resolved.update(batches_per_epoch=dataset.batches_per_epoch(), total_steps=total)
-        resolved["decode"] = dataset.decode  # --decode auto resolved on this machine
+        resolved["decode"] = {"used": decode, "why": why}  # --decode auto resolved on this machine
         atomic_write_json(out / "config.json", resolved)
     _attach_step_parts(run)
     return run

@@ -19,7 +19,8 @@ scaled IDCT replaces part of the bicubic filter's downscaling (tests/test_decode
 difference per image: mean absolute error <= 3.5 of 255 and PSNR >= 27 dB; measured worst 2.65 /
 33 dB on a photograph at 512 px, 2.98 / 28.5 dB with cartoon cut-outs). Other formats and images
 too small to reduce take the ``pil`` path bit for bit. ``device`` leaves JPEGs to the main process,
-which decodes them on the GPU (llm2clip.data.device_decode); ``auto`` picks it on a GPU.
+which decodes them on the GPU (llm2clip.data.device_decode); ``auto`` picks it on a GPU when
+that is measured faster than the data workers.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ IMAGE_FIELDS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 """Member suffixes that hold a sample's image, tried in this order."""
 
 DECODE_MODES: tuple[str, ...] = ("auto", "pil", "draft", "device")
-"""auto: device on a GPU that torchvision decodes JPEGs on, else draft (the fastest CPU path);
+"""auto: on a GPU that a JPEG decoder runs on, the faster of device and the workers' draft
+(measured: llm2clip.data.device_decode.resolve_decode), else draft (the fastest CPU path);
 device: JPEGs decoded on the training device (llm2clip.data.device_decode)."""
 
 # PIL raises any of these on malformed input (UnidentifiedImageError is an OSError; struct.error and

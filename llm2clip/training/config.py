@@ -108,8 +108,9 @@ class DataConfig:
     shard_timeout_s: float = _f(60.0, "Seconds a URL read may stall (or go below 1 KiB/s) before a retry.")
     decode: str = _f(
         "auto", "Image decode path: device (JPEGs decoded on the training device, nvJPEG on a GPU, in "
-        "the main process; needs torchvision), draft (JPEGs reduced by libjpeg in the workers), pil, "
-        "or auto (device on a GPU torchvision decodes on, else draft).",
+        "the main process; needs torchcodec), draft (JPEGs reduced by libjpeg in the workers), pil, "
+        "or auto (on a GPU: the faster of device and the workers' draft, measured at the start; "
+        "else draft).",
         choices=DECODE_MODES,
     )  # fmt: skip
 
