@@ -306,7 +306,7 @@ def train(cfg: TrainConfig, dist: DistInfo, on_step: Callable[[int], None] | Non
     batches = iter(loader)
     run.model.train()
     while step < run.end:
-        batch = finish_batch(next(batches), dist.device)  # decode="device": JPEGs decoded here
+        batch = finish_batch(next(batches), dist.device)  # decode="device": its JPEGs decoded here
         if batch["index"] != step:  # the data position must be the step: a resume relies on it
             raise RuntimeError(f"data loader returned batch {batch['index']} at step {step}")
         kept = run.skips.update(step, batch["rows"].shape[0], batch["skipped"])

@@ -202,15 +202,14 @@ def resample(image: Tensor, plan: ResamplePlan, out_size: int) -> Tensor:
 
 
 def finish_batch(batch: dict, device: torch.device) -> dict:
-    """The batch with its images on `device`: a stream item of decode="device" gets its deferred
-    JPEGs decoded, cropped and resized there, between the images the workers decoded. Samples whose
-    JPEG cannot be decoded are dropped from every per-sample entry and counted in batch["skipped"]
-    as corrupt_image. Any other batch only has its images moved."""
+    """A stream item of decode="device" made whole on `device`: its deferred JPEGs decoded, cropped
+    and resized there, between the images the workers decoded. Samples whose JPEG cannot be decoded
+    are dropped from every per-sample entry and counted in batch["skipped"] as corrupt_image. Any
+    other batch is returned as it is (the step uploads its images, overlapped with the gather)."""
     deferred = batch.pop("deferred", None)
-    images = batch["images"].to(device, non_blocking=True)
     if deferred is None:
-        batch["images"] = images
         return batch
+    images = batch["images"].to(device, non_blocking=True)
     n, size = batch["rows"].shape[0], images.shape[-1]
     slots = deferred["positions"].tolist()
     full = torch.empty((n, 3, size, size), dtype=torch.uint8, device=device)
