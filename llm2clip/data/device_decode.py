@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import io
 import logging
+import random
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from llm2clip.data.images import ResamplePlan
+from llm2clip.data.images import ResamplePlan, _open, train_transform
 
 __all__ = [
     "DEVICE_JPEG_MODES",
@@ -103,19 +105,14 @@ def resolve_decode(
     if not device_decode_available(device):
         return "draft", "auto: no JPEG decoder on the device"
     cpu, dev = decode_rates(device, image_size)
-    loader = max(workers, 1) * cpu
-    choice = "device" if dev > loader else "draft"
-    return choice, f"auto: {device} {dev:.0f} samples/s vs {max(workers, 1)} x {cpu:.0f} on the CPU"
+    decoders = max(workers, 1)  # workers=0: the main process decodes
+    choice = "device" if dev > decoders * cpu else "draft"
+    return choice, f"auto: {device} {dev:.0f} samples/s vs {decoders} x {cpu:.0f} on the CPU"
 
 
 def decode_rates(device: torch.device, image_size: int = 224, n: int = 64) -> tuple[float, float]:
     """(draft samples/s on one CPU core, device-path samples/s), measured on n crops of a 512x384
     JPEG photograph-like image: what "auto" compares."""
-    import random
-    import time
-
-    from llm2clip.data.images import train_transform
-
     data, tf = _probe_jpeg(), train_transform(image_size)
     t0 = time.perf_counter()
     for i in range(n):
@@ -134,10 +131,6 @@ def deferred_batch(jpegs: Sequence[bytes], image_size: int, n: int) -> dict:
     """A stream item of n JPEGs (`jpegs` cycled; sample i's random-resized crop drawn from
     Random(i)) as the workers of decode="device" send it, for finish_batch: the auto probe's and
     the benchmark's batch."""
-    import random
-
-    from llm2clip.data.images import _open, train_transform
-
     tf, deferred = train_transform(image_size), DeferredImages()
     for i in range(n):
         data = jpegs[i % len(jpegs)]
