@@ -23,6 +23,7 @@ from llm2clip.data import device_decode
 from llm2clip.data.device_decode import DeferredImages, finish_batch, jpeg_decoder, resample, resolve_decode
 from llm2clip.data.images import ResamplePlan, decode_image, eval_transform, train_transform
 from llm2clip.data.shards import write_shard
+from llm2clip.data.skips import SkipCounts
 from llm2clip.data.stream import ShardImageDataset
 from tests.photo_fixtures import photo_jpegs, pixel_diff
 from tests.train_fixtures import make_data
@@ -140,6 +141,34 @@ def test_a_batch_without_deferred_images_is_returned_as_it_is(mixed_shard):
     images = batch["images"]
     out = finish_batch(batch, CPU)
     assert out is batch and out["images"] is images and "deferred" not in out
+
+
+def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(monkeypatch):
+    """The batched call fails, the device refuses one JPEG: it comes from the CPU decoder, the others
+    from the device, and a JPEG nobody decodes is dropped and counted."""
+    real = jpeg_decoder()
+    jpegs = photo_jpegs(64, 3)
+    refused = jpegs[1]
+    jpegs.append(jpegs[0][:-200])  # scan data cut: undecodable anywhere
+    stand_in = torch.device("cpu", 0)  # plays the GPU: a device other than torch.device("cpu")
+    calls = []
+
+    def decode(data, device):
+        calls.append((len(data), str(device)))
+        if device == stand_in and any(bytes(d.numpy()) == refused for d in data):
+            raise RuntimeError("refused by the stand-in device")
+        return real(data, device)
+
+    monkeypatch.setattr(device_decode, "jpeg_decoder", lambda: decode)
+    item = device_decode.deferred_batch(jpegs, 32, 4)
+    item.update(
+        skipped=SkipCounts.of(["corrupt_image"]), shards=["s"] * 4, keys=list("abcd"), fields=["f"] * 4
+    )
+    out = finish_batch(dict(item), stand_in)
+    assert out["keys"] == ["a", "b", "c"] and out["skipped"].reasons["corrupt_image"] == 1
+    assert calls[0] == (4, "cpu:0") and (1, "cpu") in calls  # the batch, then the retry on the CPU
+    plain = finish_batch(dict(device_decode.deferred_batch(jpegs[:3], 32, 3)), CPU)["images"]
+    assert torch.equal(out["images"], plain)
 
 
 def test_resolve_decode(monkeypatch):
